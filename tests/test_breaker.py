@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import guardrails as gr
@@ -181,7 +182,7 @@ async def test_call_awaits_the_coroutine_before_recording() -> None:
     breaker = make(Clock(), fail_max=1)
 
     async def refused() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise outage()
 
     with pytest.raises(ConnectionRefusedError):
