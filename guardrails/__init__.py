@@ -5,26 +5,52 @@ Everything public is importable from here::
     import guardrails as gr
 """
 
-from guardrails.budget import ConnectionBudget
-from guardrails.errors import BudgetExceeded, GuardrailsError, ReadOnly, Shed, Unavailable
+from guardrails.breaker import Breaker, BreakerSettings
+from guardrails.budget import ConnectionBudget, ServerlessPlan
+from guardrails.cache import CachedResponse, MemoryCache, ResponseStore
+from guardrails.errors import (
+    BudgetExceeded,
+    Classifier,
+    ErrorKind,
+    GuardrailsError,
+    ReadOnly,
+    Shed,
+    Unavailable,
+    classify,
+)
 from guardrails.guard import Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.middleware import GuardrailsMiddleware
 from guardrails.policy import OnUnavailable, Policy, policy
+from guardrails.retry import RetryBudget, RetrySettings
+from guardrails.triage import Diagnosis, EarlyWarning
 
 __all__ = [
+    "Breaker",
+    "BreakerSettings",
     "BudgetExceeded",
+    "CachedResponse",
+    "Classifier",
     "ConcurrencyLimiter",
     "ConnectionBudget",
+    "Diagnosis",
+    "EarlyWarning",
+    "ErrorKind",
     "Guardrails",
     "GuardrailsError",
     "GuardrailsMiddleware",
+    "MemoryCache",
     "OnUnavailable",
     "Permit",
     "Policy",
     "Priority",
     "ReadOnly",
+    "ResponseStore",
+    "RetryBudget",
+    "RetrySettings",
+    "ServerlessPlan",
     "Shed",
     "Unavailable",
+    "classify",
     "policy",
 ]

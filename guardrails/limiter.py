@@ -287,6 +287,21 @@ class ConcurrencyLimiter:
         self._bulkheads[name] = _Gate(name, max_concurrency, caps, self.max_queue)
         return name
 
+    def try_take(self, priority: Priority) -> bool:
+        """Take a slot outside any bulkhead if one is free now; give it back with :meth:`give_back`.
+
+        The allocation-free form of :meth:`try_acquire` for callers that track the slot
+        themselves (the middleware does, on an object it has anyway).
+        """
+        if self._gate.try_take(priority):
+            self.admitted_total += 1
+            return True
+        return False
+
+    def give_back(self) -> None:
+        """Return a slot taken with :meth:`try_take` (exactly once per slot)."""
+        self._gate.release()
+
     def try_acquire(
         self, priority: Priority = Priority.NORMAL, *, bulkhead: str | None = None
     ) -> Permit | None:

@@ -123,6 +123,14 @@ def policy(_policy: Policy | None = None, /, **fields: Any) -> Callable[[_T], _T
         raise TypeError(f"@policy takes a guardrails Policy, not {chosen!r}")
 
     def mark(endpoint: _T) -> _T:
+        already = getattr(endpoint, POLICY_ATTRIBUTE, None)
+        if isinstance(already, Policy) and already != chosen:
+            name = getattr(endpoint, "__qualname__", repr(endpoint))
+            raise ValueError(
+                f"{name} already has a different @policy; one endpoint has one policy. "
+                "To give routes that share a handler different policies, name them in "
+                "Guardrails(policies={...}) instead"
+            )
         try:
             setattr(endpoint, POLICY_ATTRIBUTE, chosen)
         except (AttributeError, TypeError):
@@ -146,6 +154,8 @@ class ResolvedRoute:
     timeout: float | None
     bypass: bool
     """Exempt, or not using the database: the limiter is not involved."""
+    caches: bool = False
+    """The policy has ``cache_ttl`` or ``stale_ttl``: responses are stored for reuse."""
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
@@ -350,4 +360,5 @@ class RouteResolver:
             bulkhead=self._bulkhead_for(chosen, template),
             timeout=chosen.timeout if isinstance(chosen.timeout, float) else None,
             bypass=chosen.exempt or not chosen.needs_db,
+            caches=chosen.cache_ttl is not None or chosen.stale_ttl is not None,
         )

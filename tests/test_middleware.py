@@ -151,7 +151,7 @@ async def test_unsafe_methods_are_refused_in_read_only_mode() -> None:
     assert "failover" not in write.text  # the operator's reason is not for clients
     assert read.json() == {"method": "GET"}
     assert after.status_code == 200
-    assert guard.snapshot()["read_only"] == {"enabled": False, "reason": None}
+    assert guard.snapshot()["read_only"] == {"enabled": False, "reason": None, "automatic": False}
 
 
 async def test_app_error_releases_the_slot() -> None:
@@ -496,15 +496,31 @@ async def test_deadline_from_policy_bounds_the_queue_wait() -> None:
         concurrency=1, queue_timeout=30, policies={"/slow": gr.Policy(timeout=0.05)}
     )
     gate = Gate()
-    app = make_app(guard, [Route("/slow", gate.endpoint)])
+    app = make_app(guard, [Route("/hold", gate.endpoint), Route("/slow", gate.endpoint)])
     async with client_for(app) as client, anyio.create_task_group() as tg:
-        tg.start_soon(client.get, "/slow")
+        tg.start_soon(client.get, "/hold")  # no deadline: holds the only slot
         await wait_all_tasks_blocked()
         with anyio.fail_after(5):
             shed = await client.get("/slow")
         gate.opened.set()
     assert shed.status_code == 503
+    assert shed.json() == {"error": "overloaded", "retry_after": 30}
     assert guard.limiter.snapshot()["shed_by_reason"] == {"deadline": 1}
+
+
+async def test_a_handler_past_its_deadline_is_answered_503_and_frees_its_slot() -> None:
+    guard = gr.Guardrails(concurrency=1, policies={"/slow": gr.Policy(timeout=0.05)})
+    gate = Gate()
+    app = make_app(guard, [Route("/slow", gate.endpoint)])
+    async with client_for(app) as client:
+        with anyio.fail_after(5):
+            response = await client.get("/slow")
+    assert response.status_code == 503
+    assert response.json()["error"] == "timeout"
+    assert guard.limiter.in_flight == 0
+    assert guard.snapshot()["telemetry"]["shed"] == [
+        {"reason": "timeout", "route": "/slow", "count": 1}
+    ]
 
 
 # -- configuration errors ------------------------------------------------------------------
@@ -538,6 +554,16 @@ def test_budget_sets_the_number_of_slots() -> None:
     budget = gr.ConnectionBudget(max_connections=100, reserved=10, processes=4)
     guard = gr.Guardrails(budget=budget)
     assert guard.limiter.limit == budget.per_process == 15
+
+
+def test_policy_decorator_refuses_a_second_different_policy() -> None:
+    async def handler(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    gr.policy(priority="low")(handler)
+    gr.policy(priority="low")(handler)  # the same policy again is harmless
+    with pytest.raises(ValueError, match="already has a different @policy"):
+        gr.policy(stale_ttl=60)(handler)
 
 
 def test_policy_decorator_rejects_what_it_cannot_mark() -> None:

@@ -1,0 +1,327 @@
+"""Stale fallback, read-only mode, friendly errors and cache safety through the middleware."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+import guardrails as gr
+from guardrails.cache import MemoryCache
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+
+
+def open_breaker(guard: gr.Guardrails) -> None:
+    """Report outages through the breaker's own API until it opens."""
+    while guard.breaker.state == "closed":
+        guard.breaker.record(guard.breaker.admit(), ConnectionRefusedError(111, "refused"))
+
+
+async def test_stale_while_the_database_is_down_read_only_writes_and_recovery(
+    pg_cluster_factory: Callable[..., Any], async_engine_factory: Callable[..., AsyncEngine]
+) -> None:
+    server = pg_cluster_factory(max_connections=20)
+    engine = async_engine_factory(server=server, pool_size=2, pool_timeout=0.5)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE notes (id serial PRIMARY KEY, body text)"))
+
+    async def ping() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    guard = gr.Guardrails(
+        concurrency=4,
+        cache=MemoryCache(max_entries=100),
+        breaker=gr.BreakerSettings(fail_max=2, reset_timeout=0.3, probe=ping, probe_timeout=1),
+        retry=gr.RetrySettings(attempts=1),
+    )
+
+    @gr.policy(stale_ttl=600)
+    async def dashboard(request: Request) -> Response:
+        async with engine.connect() as conn:
+            count = (await conn.execute(text("SELECT count(*) FROM notes"))).scalar_one()
+        return JSONResponse({"notes": count})
+
+    async def add_note(request: Request) -> Response:
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO notes (body) VALUES ('hi')"))
+        return PlainTextResponse("saved", status_code=201)
+
+    app = Starlette(
+        routes=[Route("/dashboard", dashboard), Route("/notes", add_note, methods=["POST"])],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    async with client_for(app) as client:
+        assert (await client.post("/notes")).status_code == 201
+        live = await client.get("/dashboard")
+        assert live.json() == {"notes": 1}
+        assert "x-guardrails" not in live.headers
+
+        await anyio.to_thread.run_sync(server.stop)
+        # The first requests find out the hard way; each still gets the stale page.
+        answers = [await client.get("/dashboard") for _ in range(3)]
+        assert guard.breaker.state == "open"
+        started = anyio.current_time()
+        fast = await client.get("/dashboard")
+        took = anyio.current_time() - started
+        write = await client.post("/notes")
+
+        await anyio.to_thread.run_sync(server.start)
+        with anyio.fail_after(5):
+            while guard.breaker.state != "closed":
+                await anyio.sleep(0.02)
+        assert (await client.post("/notes")).status_code == 201
+        fresh = await client.get("/dashboard")
+    await guard.aclose()
+
+    for response in [*answers, fast]:
+        assert response.status_code == 200
+        assert response.json() == {"notes": 1}
+        assert response.headers["x-guardrails"] == "stale"
+        assert int(response.headers["age"]) >= 0
+    assert took < 0.05  # no pool wait: served before touching the pool
+    assert write.status_code == 503
+    assert write.json()["error"] == "read_only"
+    assert int(write.headers["retry-after"]) >= 1
+    assert fresh.json() == {"notes": 2}
+    assert "x-guardrails" not in fresh.headers
+    fallbacks = guard.snapshot()["telemetry"]["fallbacks"]
+    assert {"kind": "stale", "route": "/dashboard", "count": 4} in fallbacks
+
+
+def build_app(guard: gr.Guardrails) -> Starlette:
+    async def page(request: Request) -> Response:
+        who = request.headers.get("authorization") or request.cookies.get("session")
+        return JSONResponse({"for": who, "path": request.url.path})
+
+    async def set_cookie(request: Request) -> Response:
+        response = JSONResponse({"for": None})
+        response.set_cookie("session", "new")
+        return response
+
+    async def private(request: Request) -> Response:
+        return JSONResponse({"for": None}, headers={"cache-control": request.query_params["cc"]})
+
+    def user_key(request: Request) -> str | None:
+        return request.headers.get("authorization") or request.cookies.get("session")
+
+    @gr.policy(stale_ttl=60, cache_key=user_key)
+    async def mine(request: Request) -> Response:
+        return await page(request)
+
+    @gr.policy(stale_ttl=60)
+    async def shared(request: Request) -> Response:
+        return await page(request)
+
+    routes = [
+        Route("/mine/{n}", mine),
+        Route("/shared/{n}", shared),
+        Route("/cookie", gr.policy(stale_ttl=60)(set_cookie)),
+        Route("/private", gr.policy(stale_ttl=60)(private)),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)])
+
+
+USERS = st.sampled_from([None, "alice", "bob", "carol"])
+REQUESTS = st.lists(
+    st.tuples(
+        st.sampled_from(["/mine/1", "/mine/2", "/shared/1", "/shared/2"]),
+        USERS,
+        st.sampled_from(["authorization", "cookie"]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(warm=REQUESTS, probe=REQUESTS)
+def test_no_cached_response_ever_reaches_a_user_it_was_not_made_for(
+    warm: list[tuple[str, str | None, str]], probe: list[tuple[str, str | None, str]]
+) -> None:
+    def headers(user: str | None, how: str) -> dict[str, str]:
+        if user is None:
+            return {}
+        return {"authorization": user} if how == "authorization" else {"cookie": f"session={user}"}
+
+    async def scenario() -> None:
+        guard = gr.Guardrails(concurrency=4, cache=MemoryCache(max_entries=50))
+        async with client_for(build_app(guard)) as client:
+            for path, user, how in warm:  # healthy: responses are made and maybe stored
+                await client.get(path, headers=headers(user, how))
+            open_breaker(guard)  # from now on only stored responses can answer
+            for path, user, how in probe:
+                response = await client.get(path, headers=headers(user, how))
+                if response.status_code == 503:
+                    continue
+                assert response.headers["x-guardrails"] == "stale"
+                body = response.json()
+                assert body == {"for": user, "path": path}
+                if path.startswith("/shared/"):
+                    assert user is None  # credentials without cache_key: never stored
+
+    anyio.run(scenario)
+
+
+async def test_set_cookie_no_store_and_private_are_never_replayed() -> None:
+    guard = gr.Guardrails(concurrency=4, cache=MemoryCache(max_entries=50))
+    async with client_for(build_app(guard)) as client:
+        assert (await client.get("/cookie")).status_code == 200
+        client.cookies.clear()  # a request carrying the cookie would not be stored at all
+        for cc in ("no-store", "private", "private, max-age=60", "public, max-age=60"):
+            assert (await client.get("/private", params={"cc": cc})).status_code == 200
+        open_breaker(guard)
+        cookie = await client.get("/cookie")
+        client.cookies.clear()
+        refused = [
+            (await client.get("/private", params={"cc": cc})).status_code
+            for cc in ("no-store", "private", "private, max-age=60")
+        ]
+        public = await client.get("/private", params={"cc": "public, max-age=60"})
+    assert cookie.status_code == 503
+    assert "set-cookie" not in cookie.headers
+    assert refused == [503, 503, 503]
+    assert public.status_code == 200
+    assert public.headers["x-guardrails"] == "stale"
+
+
+async def test_fresh_cache_hits_skip_the_database_and_the_limiter() -> None:
+    calls = 0
+
+    @gr.policy(cache_ttl=30)
+    async def report(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        return PlainTextResponse(f"report #{calls}")
+
+    guard = gr.Guardrails(concurrency=1, max_queue=0, cache=MemoryCache())
+    app = Starlette(
+        routes=[Route("/report", report)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    async with client_for(app) as client:
+        first = await client.get("/report")
+        second = await client.get("/report")
+        other_query = await client.get("/report?page=2")
+    assert (first.text, second.text, other_query.text) == ("report #1", "report #1", "report #2")
+    assert second.headers["x-guardrails"] == "hit"
+    assert "x-guardrails" not in first.headers
+    assert guard.limiter.snapshot()["admitted_total"] == 2
+
+
+async def test_a_large_streamed_body_passes_through_whole_and_is_not_stored() -> None:
+    from starlette.responses import StreamingResponse
+
+    chunk = b"x" * 1024
+
+    @gr.policy(stale_ttl=60)
+    async def big(request: Request) -> Response:
+        async def body() -> Any:
+            for _ in range(8):
+                yield chunk
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    store = MemoryCache(max_entries=10, max_bytes=64 * 1024, max_entry_bytes=4 * 1024)
+    guard = gr.Guardrails(concurrency=2, cache=store)
+    app = Starlette(
+        routes=[Route("/big", big)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    async with client_for(app) as client:
+        whole = await client.get("/big")
+        open_breaker(guard)
+        after = await client.get("/big")
+    assert whole.content == chunk * 8
+    assert after.status_code == 503
+    assert store.snapshot()["entries"] == 0
+
+
+async def test_browsers_get_a_friendly_page_and_apps_can_build_their_own() -> None:
+    guard = gr.Guardrails(concurrency=1, breaker=gr.BreakerSettings(reset_timeout=12))
+
+    async def page(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/page", page)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    browser = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    async with client_for(app) as client:
+        open_breaker(guard)
+        html = await client.get("/page", headers=browser)
+        api = await client.get("/page", headers={"accept": "application/json, text/html;q=0.5"})
+
+    assert html.status_code == 503
+    assert html.headers["content-type"].startswith("text/html")
+    assert "try again in 12 seconds" in html.text
+    assert html.headers["retry-after"] == "12"
+    assert api.json() == {"error": "unavailable", "retry_after": 12}
+
+    def custom(request: Request, error: str, retry_after: int) -> Response | None:
+        if request.url.path != "/page":
+            return None
+        return PlainTextResponse(f"{error}, back in {retry_after}", status_code=503)
+
+    guard2 = gr.Guardrails(concurrency=1, error_response=custom)
+    app2 = Starlette(
+        routes=[Route("/page", page)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard2)],
+    )
+    async with client_for(app2) as client:
+        open_breaker(guard2)
+        made = await client.get("/page")
+    assert made.text == "unavailable, back in 30"
+    assert made.headers["retry-after"] == "30"
+
+
+async def test_low_priority_is_shed_before_normal_under_load() -> None:
+    guard = gr.Guardrails(concurrency=8, max_queue=16, queue_timeout=0.2)
+    release = anyio.Event()
+
+    async def work(request: Request) -> Response:
+        with anyio.move_on_after(0.05):
+            await release.wait()
+        return PlainTextResponse("ok")
+
+    @gr.policy(priority="low")
+    async def report(request: Request) -> Response:
+        return await work(request)
+
+    app = Starlette(
+        routes=[Route("/normal", work), Route("/report", report)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    statuses: dict[str, list[int]] = {"/normal": [], "/report": []}
+    async with client_for(app) as client:
+
+        async def one(path: str) -> None:
+            statuses[path].append((await client.get(path)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):  # a burst of equal demand for both, 5x the slots
+                tg.start_soon(one, "/normal")
+                tg.start_soon(one, "/report")
+    normal_ok = statuses["/normal"].count(200) / 40
+    report_ok = statuses["/report"].count(200) / 40
+    assert normal_ok > report_ok
+    assert statuses["/report"].count(503) > statuses["/normal"].count(503)
+    assert guard.limiter.in_flight == 0
