@@ -169,6 +169,24 @@ def build_report(snapshot: dict[str, Any], fail_on: Iterable[str]) -> dict[str, 
         checks["retry:budget_remaining"] = _check(
             retry["remaining"], "retries", "warn" if retry["remaining"] == 0 else "pass", now
         )
+    triage = snapshot.get("triage")
+    if triage is not None:
+        checks["triage:kind"] = _check(
+            triage["kind"],
+            None,
+            "pass" if triage["kind"] == "none" else "warn",
+            now,
+            output=triage["evidence"],
+        )
+    for warning in snapshot.get("warnings", ()):
+        checks[f"warning:{warning['check']}"] = _check(
+            warning["observed"],
+            None,
+            "warn",
+            now,
+            threshold=warning["threshold"],
+            output=warning["text"],
+        )
     for pool in snapshot.get("pools", ()):
         name = f"pool:{pool.get('name', pool.get('kind', 'pool'))}"
         checks[f"{name}:checked_out"] = _check(
@@ -205,6 +223,10 @@ def _output(snapshot: dict[str, Any], failing: list[str]) -> str:
     queued = snapshot["limiter"]["queued"]
     if queued:
         notes.append(f"{queued} requests waiting for a database slot")
+    triage = snapshot.get("triage") or {}
+    if triage.get("kind", "none") != "none":
+        notes.append(f"pool trouble: {triage['kind']}")
+    notes.extend(warning["text"] for warning in snapshot.get("warnings", ()))
     if failing:
         notes.append(f"failing: {', '.join(failing)}")
     return "; ".join(notes)

@@ -222,7 +222,8 @@ def early_warnings(
             )
         )
     held = _window(samples, settings.sustained)
-    if held and held[-1].at - held[0].at >= settings.sustained * 0.9:
+    # Only once the samples reach back a whole window can it have been sustained.
+    if held and samples[-1].at - samples[0].at >= settings.sustained * 0.9:
         lowest = min(s.in_flight / s.limit for s in held if s.limit)
         if lowest >= settings.utilization:
             found.append(

@@ -166,3 +166,35 @@ async def test_answers_while_postgres_is_stopped_and_shows_no_secrets(
     for secret in (str(server.port), server.host, "postgres", "asyncpg", "refused", "Errno"):
         assert secret not in text_seen
     assert health.json()["checks"]["pool:main:checked_out"][0]["observedValue"] == 0
+
+
+async def test_sustained_utilization_warns_before_anything_is_shed() -> None:
+    guard = gr.Guardrails(
+        concurrency=2,
+        max_queue=10,
+        early_warning=gr.EarlyWarning(utilization=0.8, sustained=0.3, window=0.3),
+    )
+    release = anyio.Event()
+
+    async def hold(request: Request) -> None:
+        await release.wait()
+
+    async with client(build(guard, hold)) as c, anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(c.get, "/work")
+        with anyio.fail_after(5):
+            while guard.limiter.in_flight < 2:
+                await anyio.sleep(0.01)
+        before = (await c.get("/health/guardrails")).json()
+        for _ in range(8):
+            guard.sample()
+            await anyio.sleep(0.05)
+        during = await c.get("/health/guardrails")
+        release.set()
+    assert before["status"] == "pass"
+    assert during.status_code == 200
+    body = during.json()
+    assert body["status"] == "warn"
+    assert body["checks"]["warning:utilization"][0]["observedValue"] == 1.0
+    assert "slots busy" in body["output"]
+    assert guard.limiter.shed_total == 0
