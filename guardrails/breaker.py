@@ -161,6 +161,9 @@ class Breaker:
         """Number of state changes since the breaker was made."""
         self.counting = False
         """Whether outages may have been counted since the last success (cheap to read)."""
+        self.hold = False
+        """While True, an open breaker stays open past ``reset_timeout``: no trial, no
+        probe. A coordinator sets it so that one process of many tests recovery."""
         self._cb = pybreaker.CircuitBreaker(
             fail_max=self.settings.fail_max,
             reset_timeout=self.settings.reset_timeout,
@@ -310,8 +313,31 @@ class Breaker:
         self.counting = self.state != CLOSED or bool(self._cb.fail_counter)
 
     def _trial_due(self) -> bool:
+        if self.hold:
+            return False
         opened = self._opened_at
         return opened is None or self._clock() >= opened + self.settings.reset_timeout
+
+    def force_open(self, remaining: float) -> None:
+        """Open now (if not open) with ``remaining`` seconds left of the open period.
+
+        For coordinators: another process opened its breaker for the same database.
+        """
+        if self.state != OPEN:
+            self._cb.open()
+        self._opened_at = self._clock() - self.settings.reset_timeout + max(0.0, remaining)
+
+    def force_close(self) -> None:
+        """Close now (if not closed): another process's trial found the database back."""
+        if self.state != CLOSED:
+            self._trial = None
+            self._cb.close()
+
+    def opened_remaining(self) -> float:
+        """Seconds left of the open period (0 unless open)."""
+        if self.state != OPEN or self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.settings.reset_timeout - self._clock())
 
     def unavailable(self) -> Unavailable:
         """The exception a refused call gets: says the state, carries ``retry_after``."""
@@ -371,6 +397,9 @@ class Breaker:
                 await asyncio.sleep(max(0.0, due - self._clock()))
                 if self.state != OPEN:
                     return
+                if self.hold or not self._trial_due():
+                    await asyncio.sleep(0.05)  # another process tests, or the period moved
+                    continue
                 self._cb.half_open()
                 outcome: BaseException | None = None
                 try:

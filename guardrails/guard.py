@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -47,6 +47,22 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 logger = logging.getLogger("guardrails")
+
+
+class Coordinator(Protocol):
+    """Shares the connection budget and the breaker state among processes.
+
+    ``attach(guard)`` is called once by the guard's constructor; ``start()`` from the
+    first request, on the running event loop (it runs until ``aclose()``). It drives
+    ``guard.limiter.set_limit`` with the slots it holds, and ``guard.breaker``'s
+    ``force_open`` / ``force_close`` / ``hold`` with the shared state.
+    """
+
+    def attach(self, guard: Guardrails) -> None: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
 
 ErrorResponseFactory = Callable[[Request, str, int], "Response | None"]
 """Builds the 503 for ``(request, error, retry_after)``; ``None`` keeps the default."""
@@ -96,6 +112,7 @@ class Guardrails:
         read_only_on_open: bool = True,
         error_response: ErrorResponseFactory | None = None,
         early_warning: EarlyWarning | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if (concurrency is None) == (budget is None):
             raise ValueError(
@@ -179,6 +196,16 @@ class Guardrails:
         self.diagnosis: Diagnosis = NO_TROUBLE
         self._sampling = False
         self._sampler: asyncio.Task[None] | None = None
+        self._coordinator_task: asyncio.Task[None] | None = None
+        self.coordinator = coordinator
+        """Shares the budget and the breaker with other processes (e.g. RedisCoordinator)."""
+        if coordinator is not None:
+            if not all(callable(getattr(coordinator, n, None)) for n in ("attach", "start")):
+                raise TypeError(
+                    f"coordinator must be a guardrails coordinator such as "
+                    f"RedisCoordinator(url), not {coordinator!r}"
+                )
+            coordinator.attach(self)
         self.health = HealthEndpoint(self, fail_on=health_fail_on)
         """The health endpoint (an ASGI app): ``Route("/health/guardrails", guard.health)``;
         ``guard.health.live`` and ``guard.health.ready`` for orchestrator probes."""
@@ -344,6 +371,12 @@ class Guardrails:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if self.coordinator is not None:
+            await self.coordinator.aclose()
+        running, self._coordinator_task = self._coordinator_task, None
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
 
     # -- sampling, early warnings and triage ---------------------------------------------
 
@@ -360,6 +393,10 @@ class Guardrails:
             self._sampling = False
             return
         self._sampler = loop.create_task(self._sample_forever(), name="guardrails-sampler")
+        if self.coordinator is not None:
+            self._coordinator_task = loop.create_task(
+                self.coordinator.start(), name="guardrails-coordinator"
+            )
 
     async def _sample_forever(self) -> None:
         while True:
@@ -456,6 +493,7 @@ class Guardrails:
             "telemetry": self.telemetry.snapshot(),
             "warnings": [warning.to_dict() for warning in warnings],
             "triage": diagnosis.to_dict(),
+            "coordinator": self.coordinator.snapshot() if self.coordinator is not None else None,
         }
 
     def _bulkhead_for(self, chosen: Policy, template: str) -> str | None:

@@ -154,7 +154,7 @@ def build_report(snapshot: dict[str, Any], fail_on: Iterable[str]) -> dict[str, 
             "pass",
             now,
             limit=limiter["limit"],
-            utilization=round(limiter["in_flight"] / limiter["limit"], 3),
+            utilization=round(limiter["utilization"], 3),
         ),
         "limiter:queued": _check(
             limiter["queued"], "requests", "warn" if limiter["queued"] else "pass", now

@@ -35,6 +35,10 @@ class Priority(str, Enum):
 _LANES = (Priority.CRITICAL, Priority.NORMAL, Priority.LOW)
 
 
+def _default_reserve(limit: int) -> int:
+    return max(1, limit // 10) if limit >= 4 else 0
+
+
 def seconds(value: float | timedelta, name: str) -> float:
     """Convert a duration given as seconds or ``timedelta`` to seconds, rejecting negatives."""
     if isinstance(value, timedelta):
@@ -209,8 +213,9 @@ class ConcurrencyLimiter:
                 f"max_queue must be a whole number >= 0, not {max_queue!r} "
                 "(0 means: shed at once when every slot is busy)"
             )
+        reserve_critical_given = reserve_critical is not None
         if reserve_critical is None:
-            reserve_critical = max(1, limit // 10) if limit >= 4 else 0
+            reserve_critical = _default_reserve(limit)
         if (
             isinstance(reserve_critical, bool)
             or not isinstance(reserve_critical, int)
@@ -227,24 +232,46 @@ class ConcurrencyLimiter:
                 "priority work is admitted only while utilisation is below it"
             )
         self.limit = limit
+        self.configured_limit = limit
+        """The ``limit`` given at construction; :meth:`set_limit` never goes above it."""
         self.max_queue = max_queue
         self.queue_timeout = seconds(queue_timeout, "queue_timeout")
         self.reserve_critical = reserve_critical
+        self._reserve_given = reserve_critical_given
         self.low_watermark = float(low_watermark)
-        normal_cap = limit - reserve_critical
-        low_cap = min(normal_cap, max(1, math.floor(limit * low_watermark)))
-        self._gate = _Gate(
-            "global",
-            limit,
-            {Priority.CRITICAL: limit, Priority.NORMAL: normal_cap, Priority.LOW: low_cap},
-            max_queue,
-        )
+        self._gate = _Gate("global", limit, self._caps(limit), max_queue)
         self._bulkheads: dict[str, _Gate] = {}
         self.retry_after = max(1, math.ceil(self.queue_timeout))
         """Seconds a shed caller is told to wait before trying again."""
         self.admitted_total = 0
         self.queued_total = 0
         self.shed_by_reason: dict[str, int] = {}
+
+    def _caps(self, limit: int) -> dict[Priority, int]:
+        reserve = self.reserve_critical if self._reserve_given else _default_reserve(limit)
+        reserve = min(reserve, max(0, limit - 1))
+        normal_cap = limit - reserve
+        low_cap = min(normal_cap, max(1, math.floor(limit * self.low_watermark))) if limit else 0
+        return {Priority.CRITICAL: limit, Priority.NORMAL: normal_cap, Priority.LOW: low_cap}
+
+    def set_limit(self, limit: int) -> None:
+        """Change the number of slots at run time, between 0 and ``configured_limit``.
+
+        For coordinators that lease slots from a global budget. Lowering it lets the
+        work in flight finish and admits nobody new until it is below the new limit;
+        raising it admits waiters at once.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
+        limit = min(limit, self.configured_limit)
+        if limit == self.limit:
+            return
+        self.limit = limit
+        gate = self._gate
+        gate.limit = limit
+        gate.caps = self._caps(limit)
+        if gate.waiting:
+            gate._grant()
 
     @property
     def in_flight(self) -> int:
@@ -379,7 +406,8 @@ class ConcurrencyLimiter:
             "queued": self.queued,
             "max_queue": self.max_queue,
             "queue_timeout": self.queue_timeout,
-            "utilization": gate.in_flight / self.limit,
+            "utilization": gate.in_flight / self.limit if self.limit else 1.0,
+            "configured_limit": self.configured_limit,
             "lanes": {lane.value: cap for lane, cap in gate.caps.items()},
             "admitted_total": self.admitted_total,
             "queued_total": self.queued_total,

@@ -367,3 +367,38 @@ def test_random_interleavings_keep_exact_accounting(
         }
 
     anyio.run(scenario)
+
+
+async def test_set_limit_shrinks_without_cutting_work_and_grows_admitting_waiters() -> None:
+    limiter = ConcurrencyLimiter(4, max_queue=10, queue_timeout=5, reserve_critical=0)
+    held = [limiter.try_acquire() for _ in range(4)]
+    assert all(held)
+    limiter.set_limit(2)  # four still run; nobody new until fewer than two are busy
+    assert limiter.try_acquire() is None
+    for permit in held[:3]:
+        assert permit is not None
+        permit.release()
+    assert limiter.in_flight == 1
+    second = limiter.try_acquire()
+    assert second is not None
+    assert limiter.try_acquire() is None
+    limiter.set_limit(0)
+    granted: list[Permit] = []
+
+    async def wait() -> None:
+        granted.append(await limiter.acquire())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await wait_all_tasks_blocked()
+        assert limiter.queued == 1
+        assert limiter.snapshot()["utilization"] == 1.0
+        limiter.set_limit(10)  # capped at the configured 4; the waiter gets in at once
+    assert limiter.limit == 4
+    assert len(granted) == 1
+    for permit in (held[3], second, granted[0]):
+        assert permit is not None
+        permit.release()
+    assert limiter.in_flight == 0
+    with pytest.raises(ValueError, match="limit must be a whole number >= 0"):
+        limiter.set_limit(-1)
