@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import logging
 import time
 from collections import deque
@@ -343,7 +342,7 @@ class Guardrails:
         request finished are reported as leak suspects. Returns the watcher; its
         ``close()`` stops watching.
         """
-        watch = importlib.import_module("guardrails.pools").watch
+        from guardrails.pools import watch
 
         watcher = watch(pool, sink=self, leak_threshold=self.leak_threshold, name=name)
         self._watchers.append(watcher)
@@ -359,7 +358,7 @@ class Guardrails:
 
     def _request_finished(self, ctx: context.CallContext) -> None:
         if ctx.checkouts:
-            request_finished = importlib.import_module("guardrails.pools").request_finished
+            from guardrails.pools import request_finished
 
             request_finished(ctx)
 
