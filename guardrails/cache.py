@@ -10,8 +10,8 @@ Cacheability (DESIGN.md, "Fallback never leaks data"):
 - response: only status 200, no ``Set-Cookie``, no ``Cache-Control`` ``private``,
   ``no-store`` (nor ``no-cache``, see below), never ``Vary: *``.
 
-Keys and ``Vary``. A key is the sha256 of a length-prefixed encoding of (method, path, raw
-query string, user key, the sorted ``Vary`` header names, and each such request header's
+Keys and ``Vary``. A key is the sha256 of a length-prefixed encoding of (``Host``, method,
+path, raw query string, user key, the sorted ``Vary`` header names, and each such request header's
 values in order), so no two different inputs share a key, whatever separators a path or
 header contains. The ``Vary`` names are only known from a stored response, so a lookup
 takes two steps through the same store:
@@ -30,6 +30,8 @@ side. :func:`lookup` and :func:`remember` (and their ``_nowait`` twins for
 
 Decisions beyond DESIGN.md:
 
+- The request's ``Host`` is part of every key: an app serving several sites or tenants
+  by host name never replays one host's page to another.
 - ``HEAD`` and ``GET`` have separate entries (the method is part of the key): a ``HEAD``
   is never answered from a ``GET`` entry, so the middleware never has to strip a body.
 - A request with ``Authorization``/``Cookie`` is cacheable only with a user key from the
@@ -417,9 +419,18 @@ def make_key(
     method_b = method.encode("utf-8", "surrogateescape")
     path_b = path.encode("utf-8", "surrogateescape")
     user = b"-" if user_key is None else b"+" + user_key.encode("utf-8", "surrogateescape")
+    # One app may serve several sites or tenants by Host: a page of one must never be
+    # replayed to another. Absent (HTTP/1.0) differs from any value.
+    host = b"-"
+    for name, value in request_headers:
+        if name.lower() == b"host":
+            host = b"+" + value.lower()
+            break
     # Netstring-style fields: every part is length-prefixed, so no content can pass for
     # a separator. sha256 keeps keys short and uniform for any store.
-    head = b"gr1,%d:%b,%d:%b,%d:%b,%d:%b," % (
+    head = b"gr2,%d:%b,%d:%b,%d:%b,%d:%b,%d:%b," % (
+        len(host),
+        host,
         len(method_b),
         method_b,
         len(path_b),

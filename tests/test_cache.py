@@ -501,6 +501,19 @@ def test_user_keys_separate_users() -> None:
     assert lookup_nowait(cache, "GET", "/me", b"", auth, None) is None
 
 
+def test_hosts_never_share_an_entry() -> None:
+    cache = MemoryCache()
+    page_a, page_b = response(b"tenant a"), response(b"tenant b")
+    host_a, host_b = [(b"host", b"a.example")], [(b"host", b"b.example")]
+    remember_nowait(cache, "GET", "/dash", b"", host_a, None, page_a, 60)
+    assert lookup_nowait(cache, "GET", "/dash", b"", host_b, None) is None
+    assert lookup_nowait(cache, "GET", "/dash", b"", [], None) is None
+    assert lookup_nowait(cache, "GET", "/dash", b"", [(b"Host", b"A.example")], None) is page_a
+    remember_nowait(cache, "GET", "/dash", b"", host_b, None, page_b, 60)
+    assert lookup_nowait(cache, "GET", "/dash", b"", host_a, None) is page_a
+    assert lookup_nowait(cache, "GET", "/dash", b"", host_b, None) is page_b
+
+
 def test_status_zero_is_reserved() -> None:
     with pytest.raises(ValueError, match="status 0 is reserved"):
         remember_nowait(MemoryCache(), "GET", "/", b"", [], None, CachedResponse(0, (), b"", 0), 1)
