@@ -1,7 +1,8 @@
 """The ``guardrails`` command: ``guardrails budget`` sizes a connection budget before a deploy.
 
-``guardrails demo`` is delegated to :mod:`guardrails.demo`, imported only when needed.
-Exit status: 0 fine, 1 the pool does not fit the budget (or the demo failed), 2 bad input.
+``guardrails doctor`` wires its flags to :mod:`guardrails.doctor`; ``guardrails demo`` is
+delegated to :mod:`guardrails.demo`, imported only when needed. Exit status: 0 fine, 1 the
+pool does not fit the budget, a checklist item warns or the demo failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from guardrails.budget import ConnectionBudget
+from guardrails.doctor import APPLICATION_NAME, DoctorError, DoctorOptions, diagnose, render_text
 from guardrails.errors import BudgetExceeded
 
 __all__ = ["main"]
@@ -62,6 +65,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_budget_arguments(budget)
     budget.set_defaults(handler=lambda args: _run_budget(args, budget))
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="read a live PostgreSQL's connection numbers and run the pre-release checklist",
+        description="Connect to a live PostgreSQL (read-only, as application_name "
+        f"{APPLICATION_NAME}), show its connection limits, the sessions open now, idle "
+        "transactions, the longest running query and pg_stat_statements' slowest "
+        "statements, suggest a connection budget and run the pre-release checklist. "
+        "Exit status: 0 every item ok, 1 some item warns, 2 bad input or the database "
+        "cannot be reached.",
+    )
+    _add_doctor_arguments(doctor)
+    doctor.set_defaults(handler=_run_doctor)
 
     demo = commands.add_parser(
         "demo",
@@ -136,23 +152,25 @@ def _consumer(text: str) -> tuple[str, int]:
     return name, value
 
 
-def _add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_budget_arguments(parser: argparse.ArgumentParser, *, limits: bool = True) -> None:
+    # limits=False leaves out the database's own limits, for `doctor`, which reads them.
     database = parser.add_argument_group("the database")
-    database.add_argument(
-        "--max-connections",
-        type=_whole(1),
-        required=True,
-        metavar="N",
-        help="the database's connection limit (PostgreSQL: SHOW max_connections)",
-    )
-    database.add_argument(
-        "--reserved",
-        type=_whole(0),
-        default=0,
-        metavar="N",
-        help="connections kept for superusers and admin tools (PostgreSQL: "
-        "superuser_reserved_connections, 3 by default) (default: %(default)s)",
-    )
+    if limits:
+        database.add_argument(
+            "--max-connections",
+            type=_whole(1),
+            required=True,
+            metavar="N",
+            help="the database's connection limit (PostgreSQL: SHOW max_connections)",
+        )
+        database.add_argument(
+            "--reserved",
+            type=_whole(0),
+            default=0,
+            metavar="N",
+            help="connections kept for superusers and admin tools (PostgreSQL: "
+            "superuser_reserved_connections, 3 by default) (default: %(default)s)",
+        )
     database.add_argument(
         "--other",
         type=_consumer,
@@ -210,12 +228,20 @@ def _error(parser: argparse.ArgumentParser, message: str) -> int:
     return 2
 
 
-def _run_budget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _other_consumers(args: argparse.Namespace) -> dict[str, int]:
     other: dict[str, int] = {}
     for name, connections in args.other:
         if name in other:
-            return _error(parser, f"--other {name} is given twice: give each consumer once")
+            raise ValueError(f"--other {name} is given twice: give each consumer once")
         other[name] = connections
+    return other
+
+
+def _run_budget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        other = _other_consumers(args)
+    except ValueError as exc:
+        return _error(parser, str(exc))
     processes = args.instances if args.instances is not None else (args.processes or 1)
     try:
         budget = ConnectionBudget(
@@ -271,6 +297,85 @@ def _run_budget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         for warning in warnings:
             print(f"warning: {warning}")
     return 0 if failure is None else 1
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def _add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        metavar="URL",
+        help="postgresql://user:password@host:5432/dbname; postgresql+asyncpg:// and "
+        "postgresql+psycopg:// work too (default: $DATABASE_URL, which keeps the password "
+        "out of the process list)",
+    )
+    _add_budget_arguments(parser, limits=False)
+    checks = parser.add_argument_group("the checklist")
+    checks.add_argument(
+        "--concurrency",
+        type=_whole(1),
+        default=None,
+        metavar="N",
+        help="each process's limit on requests that use the database, to check against "
+        "the pool and the per-process cap",
+    )
+    checks.add_argument(
+        "--slow-query",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="a running query or a statement's mean time above this is slow (default: %(default)s)",
+    )
+    checks.add_argument(
+        "--show-queries",
+        action="store_true",
+        help="print query texts too (they may hold data; hidden by default)",
+    )
+    checks.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up connecting after this long (default: %(default)s)",
+    )
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    prog = "guardrails doctor"
+    if not args.database_url:
+        print(f"{prog}: error: give --database-url URL or set DATABASE_URL", file=sys.stderr)
+        return 2
+    try:
+        options = DoctorOptions(
+            processes=args.processes or 1,
+            instances=args.instances,
+            other_consumers=_other_consumers(args),
+            target_utilization=args.target_utilization,
+            pool_size=args.pool_size,
+            max_overflow=args.max_overflow,
+            concurrency=args.concurrency,
+            slow_query_seconds=args.slow_query,
+            show_queries=args.show_queries,
+            connect_timeout=args.connect_timeout,
+        )
+        report = diagnose(args.database_url, options)
+    except (DoctorError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_text(report))
+    return 0 if report.ok else 1
 
 
 def _warnings(budget: ConnectionBudget, args: argparse.Namespace) -> list[str]:
