@@ -1,0 +1,244 @@
+"""The app the load benchmarks put under uvicorn: one slow query on a real pool, three ways.
+
+``bare`` has no protection (SQLAlchemy's own pool queue, 30 s pool timeout), ``semaphore``
+is the usual hand-written ``BaseHTTPMiddleware`` with an ``asyncio.Semaphore`` and a wait
+timeout, ``guardrails`` is ``GuardrailsMiddleware``. Run as a child process: it reads its
+config as one JSON line on stdin, prints its port, and stops when stdin closes.
+
+Routes: ``/query`` (``pg_sleep``), ``/trivial`` (no database), ``/stats`` (pool events,
+breaker state, event-loop lag samples), ``/stats/reset``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import uvicorn
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+import guardrails as gr
+
+LAG_INTERVAL = 0.010
+
+
+class SemaphoreMiddleware(BaseHTTPMiddleware):
+    """The usual hand-written limiter: a semaphore, a wait timeout, 503 when it runs out."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
+        super().__init__(app)
+        self.semaphore = asyncio.Semaphore(limit)
+        self.timeout = timeout
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        try:
+            await asyncio.wait_for(self.semaphore.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            return JSONResponse(
+                {"error": "overloaded"}, status_code=503, headers={"retry-after": "1"}
+            )
+        try:
+            return await call_next(request)
+        finally:
+            self.semaphore.release()
+
+
+class Stats:
+    """Counters the benchmark reads back: pool use by breaker state, and loop lag."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.handler_calls: dict[str, int] = {}
+        """Requests that reached the pool-using handler, by breaker state when they did."""
+        self.checkouts: dict[str, int] = {}
+        self.connects: dict[str, int] = {}
+        self.lag: list[float] = []
+        """Overshoot of each 10 ms sleep of the loop-lag task, in seconds."""
+
+    def to_dict(self, guard: gr.Guardrails | None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "handler_calls": self.handler_calls,
+            "checkouts": self.checkouts,
+            "connects": self.connects,
+            "lag": self.lag,
+        }
+        if guard is not None:
+            snapshot = guard.snapshot()
+            data["breaker"] = snapshot["breaker"]["state"]
+            data["limiter"] = {
+                key: snapshot["limiter"].get(key)
+                for key in ("in_flight", "queued", "shed_total", "shed_by_reason")
+            }
+        return data
+
+
+def _bump(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def build(config: dict[str, Any]) -> Starlette:
+    """The app for one benchmark server, as ``config`` describes it."""
+    variant = config["variant"]
+    engine: AsyncEngine = create_async_engine(
+        config["dsn"],
+        pool_size=config.get("pool_size", 5),
+        max_overflow=0,
+        pool_timeout=config.get("pool_timeout", 30.0),
+    )
+    query = text("SELECT pg_sleep(:s)").bindparams(s=config.get("query_seconds", 0.05))
+    stats = Stats()
+    guard: gr.Guardrails | None = None
+    if variant == "guardrails":
+        probe: Callable[[], Awaitable[object]] | None = None
+        if config.get("probe"):
+            plain_dsn = config["plain_dsn"]
+
+            async def ping() -> None:
+                # Straight to the server, not through the pool: a probe must not count
+                # as a pool acquire while the breaker is open.
+                conn = await asyncpg.connect(plain_dsn, timeout=1.0)
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    await conn.close()
+
+            probe = ping
+        policies = {}
+        if config.get("stale"):
+            policies["/query"] = gr.Policy(stale_ttl=600, timeout=config.get("deadline"))
+        guard = gr.Guardrails(
+            concurrency=config.get("concurrency", 5),
+            queue_timeout=config.get("queue_timeout", 1.0),
+            max_queue=config.get("max_queue", 64),
+            default_policy=gr.Policy(timeout=config.get("deadline")),
+            policies=policies,
+            breaker=gr.BreakerSettings(
+                fail_max=config.get("fail_max", 5),
+                reset_timeout=config.get("reset_timeout", 30.0),
+                probe=probe,
+            ),
+            cache=gr.MemoryCache(max_entries=100) if config.get("stale") else None,
+        )
+        guard.watch_pool(engine)
+
+    def state() -> str:
+        return "closed" if guard is None else guard.breaker.state
+
+    event.listen(engine.sync_engine, "checkout", lambda *_: _bump(stats.checkouts, state()))
+    event.listen(engine.sync_engine, "connect", lambda *_: _bump(stats.connects, state()))
+
+    async def slow(request: Request) -> Response:
+        _bump(stats.handler_calls, state())
+        async with engine.connect() as conn:
+            await conn.execute(query)
+        return JSONResponse({"ok": True})
+
+    @gr.policy(exempt=True)
+    async def trivial(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    @gr.policy(exempt=True)
+    async def read_stats(request: Request) -> Response:
+        return JSONResponse(stats.to_dict(guard))
+
+    @gr.policy(exempt=True)
+    async def reset_stats(request: Request) -> Response:
+        stats.reset()
+        return JSONResponse({"reset": True})
+
+    async def watch_loop_lag() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_INTERVAL)
+            stats.lag.append(loop.time() - before - LAG_INTERVAL)
+            if len(stats.lag) > 100_000:  # bounded even if nobody resets it
+                del stats.lag[:50_000]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Fill the pool first, so connects are not part of what is measured.
+        async with AsyncExitStack() as stack:
+            for _ in range(config.get("pool_size", 5)):
+                conn = await stack.enter_async_context(engine.connect())
+                await conn.execute(text("SELECT 1"))
+        lag_task = asyncio.get_running_loop().create_task(watch_loop_lag())
+        try:
+            yield
+        finally:
+            lag_task.cancel()
+            if guard is not None:
+                await guard.aclose()
+            await engine.dispose()
+
+    middleware = []
+    if variant == "guardrails":
+        middleware.append(Middleware(gr.GuardrailsMiddleware, guard=guard))
+    elif variant == "semaphore":
+        middleware.append(
+            Middleware(
+                SemaphoreMiddleware,
+                limit=config.get("concurrency", 5),
+                timeout=config.get("queue_timeout", 1.0),
+            )
+        )
+    elif variant != "bare":
+        raise SystemExit(f"unknown variant {variant!r}: use bare, semaphore or guardrails")
+    return Starlette(
+        routes=[
+            Route("/query", slow),
+            Route("/trivial", trivial),
+            Route("/stats", read_stats),
+            Route("/stats/reset", reset_stats),
+        ],
+        middleware=middleware,
+        lifespan=lifespan,
+    )
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.readline())
+    app = build(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=1,
+            backlog=8192,
+        )
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def stop_at_end_of_stdin() -> None:
+        sys.stdin.read()
+        server.should_exit = True
+
+    threading.Thread(target=stop_at_end_of_stdin, daemon=True).start()
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
