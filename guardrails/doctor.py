@@ -857,9 +857,10 @@ def _check_timeouts(server: ServerSettings) -> Check:
         )
     if missing:
         what = "; ".join(f"{name} is 0 (no limit): {harm}" for name, harm, _ in missing)
-        fix = " and ".join(
-            f"ALTER ROLE {server.user} SET {name} = '{value}'" for name, _, value in missing
-        )
+        role = server.user
+        if not re.fullmatch(r"[a-z_][a-z0-9_$]*", role):
+            role = '"' + role.replace('"', '""') + '"'
+        fix = " and ".join(f"ALTER ROLE {role} SET {name} = '{v}'" for name, _, v in missing)
         return _warn(
             "timeouts",
             f"{what} ({seen}; connect as the app's role to see its values). Set them for the "
