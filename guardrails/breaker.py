@@ -98,6 +98,10 @@ class BreakerSettings:
         object.__setattr__(self, "classifiers", tuple(self.classifiers))
 
 
+StateListener = Callable[[str | None, str, dict[str, Any]], None]
+"""Hears a breaker transition as ``(old, new, snapshot)``; must not block or raise."""
+
+
 class Trial:
     """The right to make the one half-open trial call; given back by recording its outcome."""
 
@@ -134,7 +138,8 @@ class Breaker:
 
     Callers ask :meth:`admit` before touching the pool and report the outcome with
     :meth:`record`; :meth:`call` does both around one awaitable. The ``on_change``
-    callback hears every transition as ``(old, new, snapshot)``.
+    callback, and every listener added with :meth:`add_listener`, hears every
+    transition as ``(old, new, snapshot)``.
     """
 
     def __init__(
@@ -142,7 +147,7 @@ class Breaker:
         settings: BreakerSettings | None = None,
         *,
         name: str = "database",
-        on_change: Callable[[str | None, str, dict[str, Any]], None] | None = None,
+        on_change: StateListener | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings if settings is not None else BreakerSettings()
@@ -150,6 +155,7 @@ class Breaker:
             raise TypeError(f"breaker must be a BreakerSettings, not {settings!r}")
         self.name = name
         self._on_change = on_change
+        self._listeners: list[StateListener] = []
         self._clock = clock
         self.state = CLOSED
         """``"closed"``, ``"open"`` or ``"half_open"``; kept in step with pybreaker."""
@@ -376,6 +382,23 @@ class Breaker:
         )
         if self._on_change is not None:
             self._on_change(old, new, snapshot)
+        for listener in tuple(self._listeners):
+            try:
+                listener(old, new, snapshot)
+            except Exception:
+                # A listener's bug must not undo a transition already made.
+                logger.exception("%s breaker listener %r failed", self.name, listener)
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Also call ``listener(old, new, snapshot)`` on every transition (e.g. a coordinator)."""
+        if not callable(listener):
+            raise TypeError(f"listener must be a callable (old, new, snapshot), not {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: StateListener) -> None:
+        """Stop calling ``listener``; no error if it was not added."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     # -- active probe ------------------------------------------------------------------
 

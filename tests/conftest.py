@@ -174,3 +174,7 @@ async def async_engine_factory(
 def async_engine(async_engine_factory: EngineFactory) -> AsyncEngine:
     """One engine on the default server with the factory's defaults."""
     return async_engine_factory()
+
+
+# redis-server fixtures (tests/redisserver.py): started only by the tests that ask for one.
+from redisserver import redis_factory, redis_server, redis_url  # noqa: E402, F401
