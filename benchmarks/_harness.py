@@ -274,12 +274,13 @@ async def open_loop(
     rate: float,
     duration: float,
     timeout: float,
-    started: asyncio.Event | None = None,
+    start: float | None = None,
 ) -> list[Outcome]:
     """Send ``GET path`` at a fixed ``rate`` for ``duration`` seconds; bounded in count and time.
 
     Arrivals are evenly spaced and never wait for earlier answers. Each request is
     abandoned after ``timeout`` seconds, so the whole run ends by ``duration + timeout``.
+    ``start`` is the ``time.monotonic()`` of the first arrival (default: right away).
     """
     count = int(rate * duration)
     loop = asyncio.get_running_loop()
@@ -291,9 +292,8 @@ async def open_loop(
         outcomes.append(Outcome(due, status, loop.time() - at, lag, stale))
 
     tasks: set[asyncio.Task[None]] = set()
-    start = loop.time() + 0.05
-    if started is not None:
-        started.set()
+    # asyncio's loop clock is time.monotonic(), which is also what ``start`` is on.
+    start = loop.time() + 0.05 if start is None else start
     for i in range(count):
         due = i / rate
         at = start + due

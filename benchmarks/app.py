@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -70,16 +71,24 @@ class Stats:
         """Requests that reached the pool-using handler, by breaker state when they did."""
         self.checkouts: dict[str, int] = {}
         self.connects: dict[str, int] = {}
+        self.holds: list[float] = []
+        """Seconds each connection was checked out (checkout to checkin), newest last."""
+        self.transitions: list[tuple[float, str | None, str]] = []
+        """Breaker transitions as (time.monotonic(), old, new): the clock is system-wide,
+        so the benchmark process can line them up with its own timestamps."""
         self.lag: list[float] = []
         """Overshoot of each 10 ms sleep of the loop-lag task, in seconds."""
 
-    def to_dict(self, guard: gr.Guardrails | None) -> dict[str, Any]:
+    def to_dict(self, guard: gr.Guardrails | None, *, lists: bool) -> dict[str, Any]:
         data: dict[str, Any] = {
             "handler_calls": self.handler_calls,
             "checkouts": self.checkouts,
             "connects": self.connects,
-            "lag": self.lag,
+            "transitions": self.transitions,
         }
+        if lists:
+            data["holds"] = self.holds[-20_000:]
+            data["lag"] = self.lag
         if guard is not None:
             snapshot = guard.snapshot()
             data["breaker"] = snapshot["breaker"]["state"]
@@ -138,11 +147,24 @@ def build(config: dict[str, Any]) -> Starlette:
             cache=gr.MemoryCache(max_entries=100) if config.get("stale") else None,
         )
         guard.watch_pool(engine)
+        guard.breaker.add_listener(
+            lambda old, new, _: stats.transitions.append((time.monotonic(), old, new))
+        )
 
     def state() -> str:
         return "closed" if guard is None else guard.breaker.state
 
-    event.listen(engine.sync_engine, "checkout", lambda *_: _bump(stats.checkouts, state()))
+    def on_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        _bump(stats.checkouts, state())
+        record.info["bench_checkout"] = time.perf_counter()
+
+    def on_checkin(dbapi_conn: Any, record: Any) -> None:
+        started = record.info.pop("bench_checkout", None)
+        if started is not None:
+            stats.holds.append(time.perf_counter() - started)
+
+    event.listen(engine.sync_engine, "checkout", on_checkout)
+    event.listen(engine.sync_engine, "checkin", on_checkin)
     event.listen(engine.sync_engine, "connect", lambda *_: _bump(stats.connects, state()))
 
     async def slow(request: Request) -> Response:
@@ -157,7 +179,8 @@ def build(config: dict[str, Any]) -> Starlette:
 
     @gr.policy(exempt=True)
     async def read_stats(request: Request) -> Response:
-        return JSONResponse(stats.to_dict(guard))
+        lists = request.query_params.get("lists") != "0"
+        return JSONResponse(stats.to_dict(guard, lists=lists))
 
     @gr.policy(exempt=True)
     async def reset_stats(request: Request) -> Response:

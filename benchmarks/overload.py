@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures = h.summary(outcomes, args.duration)
             figures["past_deadline"] = sum(1 for o in outcomes if o.latency > DEADLINE)
             figures["limiter"] = stats.get("limiter")
+            holds = stats["holds"]
+            figures["pool_hold_mean"] = sum(holds) / len(holds) if holds else float("nan")
             results["runs"][variant] = figures
             print(f"  {variant}: {figures['ok']} ok, {figures['shed']} shed", file=sys.stderr)
     h.save("overload", results)
@@ -106,6 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
                 r["other"],
                 r["past_5s"],
                 h.ms(r["lag_p99"]),
+                f"{r['pool_hold_mean'] * 1000:.1f}",
             ]
         )
     headers = [
@@ -120,6 +123,7 @@ def markdown(results: dict[str, Any]) -> str:
         "other / no answer",
         "past 5 s",
         "client lag p99 ms",
+        "pool hold mean ms",
     ]
     guarded = results["runs"]["guardrails"]
     return "\n".join(
