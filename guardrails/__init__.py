@@ -7,7 +7,8 @@ Everything public is importable from here::
 
 from guardrails.breaker import Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget, ServerlessPlan
-from guardrails.cache import CachedResponse, MemoryCache, ResponseStore
+from guardrails.cache import CachedResponse, MemoryCache, RedisCache, ResponseStore
+from guardrails.coordinator import RedisCoordinator
 from guardrails.errors import (
     BudgetExceeded,
     Classifier,
@@ -45,6 +46,8 @@ __all__ = [
     "Policy",
     "Priority",
     "ReadOnly",
+    "RedisCache",
+    "RedisCoordinator",
     "ResponseStore",
     "RetryBudget",
     "RetrySettings",

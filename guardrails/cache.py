@@ -53,7 +53,11 @@ Decisions beyond DESIGN.md:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -64,6 +68,7 @@ from typing import Any, Protocol
 __all__ = [
     "CachedResponse",
     "MemoryCache",
+    "RedisCache",
     "ResponseStore",
     "age_header",
     "lookup",
@@ -78,6 +83,8 @@ __all__ = [
 ]
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+logger = logging.getLogger("guardrails")
 
 _VARY_RECORD = 0
 """Status of the marker left under a base key when the response had ``Vary``."""
@@ -137,7 +144,7 @@ class CachedResponse:
 
 
 class ResponseStore(Protocol):
-    """Where responses are kept for the fallback: memory now, Redis later.
+    """Where responses are kept for the fallback: :class:`MemoryCache` or :class:`RedisCache`.
 
     Keys come from :func:`make_key`; go through :func:`lookup` and :func:`remember`,
     which handle ``Vary``. A store must never return an entry past its ``ttl``.
@@ -329,6 +336,247 @@ class MemoryCache:
             "evictions": self.evictions,
             "expired": self.expired,
             "too_large": self.too_large,
+        }
+
+
+_MAGIC = b"gr1"
+_META_LENGTH = struct.Struct(">I")
+
+
+def encode_response(response: CachedResponse) -> bytes:
+    """``response`` as bytes for an external store: JSON metadata, then the raw body.
+
+    Header bytes travel as latin-1 text, which maps each byte to one character and back.
+    No pickle: reading an entry never runs code, whoever wrote it.
+    """
+    meta = json.dumps(
+        {
+            "status": response.status,
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in response.headers],
+            "stored_at": response.stored_at,
+            "vary": [name.decode("latin-1") for name in response.vary],
+        },
+        separators=(",", ":"),
+    ).encode("ascii")
+    return _MAGIC + _META_LENGTH.pack(len(meta)) + meta + response.body
+
+
+def decode_response(data: bytes) -> CachedResponse:
+    """The response :func:`encode_response` made; ``ValueError`` for anything else."""
+    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + _META_LENGTH.size:
+        raise ValueError("not a guardrails response entry")
+    start = len(_MAGIC) + _META_LENGTH.size
+    (length,) = _META_LENGTH.unpack_from(data, len(_MAGIC))
+    try:
+        meta = json.loads(data[start : start + length])
+        status = meta["status"]
+        stored_at = meta["stored_at"]
+        headers = tuple(
+            (name.encode("latin-1"), value.encode("latin-1")) for name, value in meta["headers"]
+        )
+        vary = tuple(name.encode("latin-1") for name in meta["vary"])
+    except (KeyError, TypeError, AttributeError, UnicodeError, json.JSONDecodeError) as exc:
+        raise ValueError("damaged guardrails response entry") from exc
+    if (
+        isinstance(status, bool)
+        or not isinstance(status, int)
+        or isinstance(stored_at, bool)
+        or not isinstance(stored_at, int | float)
+    ):
+        raise ValueError("damaged guardrails response entry")
+    return CachedResponse(status, headers, data[start + length :], float(stored_at), vary)
+
+
+class RedisCache:
+    """Response store in Redis, shared by every process: the fallback survives restarts.
+
+    Entries expire in Redis itself (``PX``), so nothing outlives its ``ttl``; values are
+    JSON metadata plus the raw body, never pickle. The same cacheability rules apply as
+    for :class:`MemoryCache` (they live in this module, not in the store).
+
+    Redis trouble never reaches a request: each call is cut off after ``timeout``
+    seconds, and on any error a lookup is a miss and a write is dropped. The first error
+    is logged once; then Redis is left alone for ``retry_interval`` seconds (calls answer
+    at once without I/O) and tried again. Use it from one event loop.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "guardrails:cache:",
+        max_entry_bytes: int = 1 * 2**20,
+        timeout: float | timedelta = 0.1,
+        retry_interval: float | timedelta = 1.0,
+    ) -> None:
+        from guardrails.coordinator import _redis_available, _where
+        from guardrails.limiter import seconds
+
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, unix://)"
+            )
+        if not _redis_available():
+            raise ImportError(
+                "RedisCache needs the redis client: pip install 'asgi-guardrails[redis]'"
+            )
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(
+                f"prefix must be a non-empty string such as 'myapp:cache:', not {prefix!r}"
+            )
+        self.url = url
+        self.prefix = prefix
+        self._where = _where(url)
+        self._max_entry_bytes = _positive_int(
+            max_entry_bytes, "max_entry_bytes", "largest response kept, e.g. 2**20"
+        )
+        self.timeout = seconds(timeout, "timeout")
+        if not self.timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds, e.g. 0.1")
+        self.retry_interval = seconds(retry_interval, "retry_interval")
+        self._client: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._down_until = 0.0
+        self._failing = False
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.skipped = 0
+        self.too_large = 0
+        self.damaged = 0
+        self.last_error: str | None = None
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """Largest accounted size of one entry; larger responses are not stored."""
+        return self._max_entry_bytes
+
+    def _redis(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # No client-side retries: a retry would stretch a call past ``timeout``.
+            self._client = Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._loop = loop
+        return self._client
+
+    def _available(self) -> bool:
+        if self._down_until and time.monotonic() < self._down_until:
+            self.skipped += 1
+            return False
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = type(exc).__name__
+        self._down_until = time.monotonic() + self.retry_interval
+        if not self._failing:
+            self._failing = True
+            logger.warning(
+                "response store: Redis at %s failed (%s); lookups miss and writes are dropped "
+                "until it answers",
+                self._where,
+                type(exc).__name__,
+            )
+
+    def _succeeded(self) -> None:
+        self._down_until = 0.0
+        if self._failing:
+            self._failing = False
+            logger.info("response store: Redis at %s answers again", self._where)
+
+    async def get(self, key: str) -> CachedResponse | None:
+        """The live entry under ``key``, or None: missing, expired, damaged or Redis down."""
+        if not self._available():
+            self.misses += 1
+            return None
+        try:
+            data = await asyncio.wait_for(self._redis().get(self.prefix + key), self.timeout)
+        except Exception as exc:
+            self._failed(exc)
+            self.misses += 1
+            return None
+        self._succeeded()
+        if data is None:
+            self.misses += 1
+            return None
+        try:
+            found = decode_response(data)
+        except ValueError:
+            self.damaged += 1
+            self.misses += 1
+            return None
+        self.hits += 1
+        return found
+
+    async def set(self, key: str, response: CachedResponse, ttl: float | timedelta) -> None:
+        """Keep ``response`` for ``ttl`` seconds (``PX``); dropped if too large or Redis is down.
+
+        A ``ttl`` <= 0 removes ``key``.
+        """
+        if isinstance(ttl, timedelta):
+            ttl = ttl.total_seconds()
+        if not ttl > 0:
+            await self.delete(key)
+            return
+        if len(key) + response.size > self._max_entry_bytes:
+            self.too_large += 1
+            return
+        if not self._available():
+            return
+        value = encode_response(response)
+        try:
+            await asyncio.wait_for(
+                self._redis().set(self.prefix + key, value, px=max(1, int(ttl * 1000))),
+                self.timeout,
+            )
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._succeeded()
+
+    async def delete(self, key: str) -> None:
+        """Forget ``key``; no error if absent or if Redis is down."""
+        if not self._available():
+            return
+        try:
+            await asyncio.wait_for(self._redis().delete(self.prefix + key), self.timeout)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._succeeded()
+
+    async def aclose(self) -> None:
+        """Close the connections to Redis (on shutdown)."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception as exc:  # shutting down: nothing left to protect
+                logger.debug("response store: closing Redis failed: %r", exc)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Where it is, whether it answers, and counters: hits, misses, errors, too_large."""
+        return {
+            "kind": "redis",
+            "redis": self._where,
+            "available": not self._failing,
+            "max_entry_bytes": self.max_entry_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "too_large": self.too_large,
+            "damaged": self.damaged,
+            "last_error": self.last_error,
         }
 
 
