@@ -1,13 +1,12 @@
 """``guardrails doctor``: what a live PostgreSQL says about connections, before settings change.
 
 Gathers the numbers (limits, sessions by application, user and state, idle transactions,
-long queries, pg_stat_statements) read-only, judges them into a pre-release checklist and
-renders both as text or JSON. The gathering, the judging and the rendering are separate.
+long queries, pg_stat_statements) read-only over a :mod:`guardrails.pgsession`, judges them
+into a pre-release checklist and renders both as text or JSON, each step on its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import re
@@ -16,21 +15,19 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from typing import Any
 
 from guardrails.budget import ConnectionBudget
 from guardrails.errors import BudgetExceeded
+from guardrails.pgsession import ConnectError, DatabaseUrl, Driver, QueryFailed, Session, connect
 
 __all__ = [
     "APPLICATION_NAME",
     "Activity",
     "Check",
-    "DatabaseUrl",
     "DoctorError",
     "DoctorOptions",
     "DoctorReport",
-    "Driver",
     "IdleInTransaction",
     "Mark",
     "Observations",
@@ -52,13 +49,6 @@ IDLE_IN_TRANSACTION_WARN_SECONDS = 1.0
 
 TOP_STATEMENTS = 5
 
-Driver = Literal["psycopg", "asyncpg"]
-
-_INSTALL_HINT = "pip install 'asgi-guardrails[psycopg]'"
-_URL_EXAMPLE = (
-    "postgresql://user:password@host:5432/dbname (postgresql+asyncpg:// and "
-    "postgresql+psycopg:// work too)"
-)
 # Only client sessions take max_connections slots; background workers have their own.
 _CLIENTS = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
 
@@ -75,63 +65,6 @@ class Mark(str, Enum):
 
     OK = "ok"
     WARN = "warn"
-
-
-# -- the URL --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseUrl:
-    """A PostgreSQL URL in libpq form, whatever SQLAlchemy driver suffix it came with.
-
-    ``parse`` accepts ``postgresql://``, ``postgres://`` and ``postgresql+DRIVER://``;
-    ``shown`` is the URL with the password masked, safe to print and log.
-    """
-
-    libpq: str = field(repr=False)
-    shown: str
-    password: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def parse(cls, url: str) -> DatabaseUrl:
-        """Normalise ``url`` or raise :class:`DoctorError` saying what a good one looks like."""
-        text = url.strip()
-        scheme, sep, _ = text.partition("://")
-        base = scheme.split("+", 1)[0].lower()
-        if not sep or base not in ("postgresql", "postgres"):
-            given = f"{scheme}://..." if sep else "a string that is not a URL"
-            raise DoctorError(
-                f"--database-url must be a PostgreSQL URL, {_URL_EXAMPLE}; got {given}"
-            )
-        parts = urlsplit("postgresql://" + text.partition("://")[2])
-        password = unquote(parts.password) if parts.password is not None else None
-        shown_netloc = parts.netloc
-        if parts.password is not None:
-            userinfo, _, hostinfo = parts.netloc.rpartition("@")
-            user = userinfo.partition(":")[0]
-            shown_netloc = f"{user}:***@{hostinfo}"
-        shown = urlunsplit(("postgresql", shown_netloc, parts.path, "", ""))
-        try:
-            parts.port  # noqa: B018  (urlsplit checks the port only when asked)
-        except ValueError:
-            raise DoctorError(
-                f"--database-url has a bad port: {shown}; the port is a number, e.g. {_URL_EXAMPLE}"
-            ) from None
-        # SQLAlchemy's asyncpg dialect spells libpq's sslmode as ssl.
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        names = {name for name, _ in query}
-        if "ssl" in names and "sslmode" not in names:
-            query = [("sslmode" if name == "ssl" else name, value) for name, value in query]
-        libpq = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
-        return cls(libpq=libpq, shown=shown, password=password)
-
-    def scrub(self, text: str) -> str:
-        """``text`` on one line, with any trace of the password masked."""
-        line = " ".join(text.split())
-        if self.password:
-            for secret in {self.password, quote(self.password, safe=""), quote(self.password)}:
-                line = line.replace(secret, "***")
-        return line
 
 
 # -- the settings ---------------------------------------------------------------------------
@@ -383,123 +316,7 @@ class DoctorReport:
         }
 
 
-# -- talking to the server ---------------------------------------------------------------------
-
-Row = tuple[Any, ...]
-
-
-class _Session(Protocol):
-    def fetch(self, sql: str) -> list[Row]: ...
-
-    def execute(self, sql: str) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class _QueryFailed(Exception):
-    pass
-
-
-class _PsycopgSession:
-    def __init__(self, url: DatabaseUrl, timeout: float) -> None:
-        import psycopg
-
-        self._error = psycopg.Error
-        self._conn = psycopg.connect(
-            url.libpq,
-            autocommit=True,
-            # libpq takes whole seconds and treats anything below 2 as 2.
-            connect_timeout=max(2, math.ceil(timeout)),
-            application_name=APPLICATION_NAME,
-        )
-
-    def fetch(self, sql: str) -> list[Row]:
-        try:
-            return [tuple(row) for row in self._conn.execute(sql.encode()).fetchall()]
-        except self._error as exc:
-            raise _QueryFailed(str(exc)) from exc
-
-    def execute(self, sql: str) -> None:
-        try:
-            self._conn.execute(sql.encode())
-        except self._error as exc:
-            raise _QueryFailed(str(exc)) from exc
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-class _AsyncpgSession:
-    def __init__(self, url: DatabaseUrl, timeout: float) -> None:
-        import asyncpg
-
-        self._error = asyncpg.PostgresError
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._conn = self._loop.run_until_complete(
-                asyncpg.connect(
-                    url.libpq,
-                    timeout=timeout,
-                    server_settings={"application_name": APPLICATION_NAME},
-                )
-            )
-        except BaseException:
-            self._loop.close()
-            raise
-
-    def fetch(self, sql: str) -> list[Row]:
-        try:
-            rows = self._loop.run_until_complete(self._conn.fetch(sql))
-        except self._error as exc:
-            raise _QueryFailed(str(exc)) from exc
-        return [tuple(row) for row in rows]
-
-    def execute(self, sql: str) -> None:
-        try:
-            self._loop.run_until_complete(self._conn.execute(sql))
-        except self._error as exc:
-            raise _QueryFailed(str(exc)) from exc
-
-    def close(self) -> None:
-        try:
-            self._loop.run_until_complete(self._conn.close())
-        finally:
-            self._loop.close()
-
-
-def _pick_driver() -> Driver:
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return "psycopg"
-    try:
-        import asyncpg  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return "asyncpg"
-    raise DoctorError(
-        f"guardrails doctor needs a PostgreSQL driver, and neither psycopg nor asyncpg is "
-        f"installed: {_INSTALL_HINT}"
-    )
-
-
-def _connect(url: DatabaseUrl, driver: Driver, timeout: float) -> _Session:
-    try:
-        if driver == "psycopg":
-            return _PsycopgSession(url, timeout)
-        return _AsyncpgSession(url, timeout)
-    except ImportError:
-        raise DoctorError(f"the {driver} driver is not installed: {_INSTALL_HINT}") from None
-    except Exception as exc:
-        # Driver errors, refused or timed-out sockets, bad URL parameters: all one line,
-        # and the password masked even if a driver were to repeat it.
-        detail = url.scrub(str(exc)) or type(exc).__name__
-        if isinstance(exc, TimeoutError) and not str(exc):
-            detail = f"no answer within {timeout:g} s"
-        raise DoctorError(f"cannot connect to {url.shown}: {detail}") from None
+# -- running it ------------------------------------------------------------------------------
 
 
 def diagnose(
@@ -508,14 +325,20 @@ def diagnose(
     """Connect to ``database_url``, gather the numbers read-only and judge them.
 
     ``driver`` picks psycopg or asyncpg; by default psycopg when installed, else asyncpg.
-    Raises :class:`DoctorError` (one line, password masked) when it cannot run.
+    Raises :class:`DoctorError` (one line, password masked) when it cannot run. It blocks
+    (asyncpg runs on a loop of its own): from async code, call it in a thread.
     """
     options = options or DoctorOptions()
-    url = DatabaseUrl.parse(database_url)
-    session = _connect(url, driver or _pick_driver(), options.connect_timeout)
+    try:
+        url = DatabaseUrl.parse(database_url)
+        session = connect(
+            url, application_name=APPLICATION_NAME, timeout=options.connect_timeout, driver=driver
+        )
+    except ConnectError as exc:
+        raise DoctorError(str(exc)) from None
     try:
         observations = gather(session, options)
-    except _QueryFailed as exc:
+    except QueryFailed as exc:
         raise DoctorError(f"a query on {url.shown} failed: {url.scrub(str(exc))}") from None
     finally:
         # The numbers are in; a failed goodbye changes nothing.
@@ -550,7 +373,7 @@ def suggest_budget(server: ServerSettings, options: DoctorOptions) -> Connection
 # -- gathering ---------------------------------------------------------------------------------
 
 
-def gather(session: _Session, options: DoctorOptions) -> Observations:
+def gather(session: Session, options: DoctorOptions) -> Observations:
     """Read the numbers over an open session; every statement is read-only."""
     server = _server_settings(session)
     # Read after the settings above, so those show the role's values and not these.
@@ -565,7 +388,7 @@ def gather(session: _Session, options: DoctorOptions) -> Observations:
     )
 
 
-def _server_settings(session: _Session) -> ServerSettings:
+def _server_settings(session: Session) -> ServerSettings:
     (row,) = session.fetch(
         "SELECT current_setting('server_version_num')::int, current_setting('server_version'),"
         " current_database(), current_user,"
@@ -603,7 +426,7 @@ def _ranked(counts: Counter[Any]) -> tuple[tuple[Any, int], ...]:
     )
 
 
-def _activity(session: _Session) -> Activity:
+def _activity(session: Session) -> Activity:
     rows = session.fetch(
         "SELECT coalesce(application_name, ''), coalesce(usename::text, ''), state, count(*)"
         f" FROM pg_stat_activity WHERE {_CLIENTS} GROUP BY 1, 2, 3"
@@ -623,7 +446,7 @@ def _activity(session: _Session) -> Activity:
     )
 
 
-def _idle_in_transaction(session: _Session) -> IdleInTransaction:
+def _idle_in_transaction(session: Session) -> IdleInTransaction:
     ((count, oldest),) = session.fetch(
         "SELECT count(*), max(extract(epoch FROM clock_timestamp() - xact_start))::float8"
         f" FROM pg_stat_activity WHERE {_CLIENTS}"
@@ -632,7 +455,7 @@ def _idle_in_transaction(session: _Session) -> IdleInTransaction:
     return IdleInTransaction(count=int(count), oldest_seconds=None if oldest is None else oldest)
 
 
-def _longest_query(session: _Session, show_queries: bool) -> RunningQuery | None:
+def _longest_query(session: Session, show_queries: bool) -> RunningQuery | None:
     text = "query" if show_queries else "NULL::text"
     rows = session.fetch(
         "SELECT pid, coalesce(usename::text, ''), coalesce(application_name, ''),"
@@ -651,7 +474,7 @@ def _preloaded(server: ServerSettings) -> bool:
     return "pg_stat_statements" in libraries
 
 
-def _statements(session: _Session, server: ServerSettings, show_queries: bool) -> StatementStats:
+def _statements(session: Session, server: ServerSettings, show_queries: bool) -> StatementStats:
     enable = (
         "CREATE EXTENSION pg_stat_statements; in that database"
         if _preloaded(server)
@@ -683,7 +506,7 @@ def _statements(session: _Session, server: ServerSettings, show_queries: bool) -
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             f" AND calls > 0 ORDER BY {mean} DESC LIMIT {TOP_STATEMENTS}"
         )
-    except _QueryFailed as exc:
+    except QueryFailed as exc:
         # Typically "must be loaded via shared_preload_libraries": report it, never fail.
         return StatementStats(
             installed=True,
