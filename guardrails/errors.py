@@ -11,6 +11,7 @@ The hierarchy::
 
 from __future__ import annotations
 
+import asyncio
 from asyncio import CancelledError
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
@@ -130,6 +131,23 @@ _TRANSIENT_TYPES = frozenset(
 )
 
 
+# Python 3.10's asyncio.TimeoutError is not yet the builtin TimeoutError.
+_TIMEOUT_ERRORS = (TimeoutError, asyncio.TimeoutError)
+# Modules whose TimeoutError means "no connection could be had in time".
+_POOL_MODULES = ("asyncpg.pool", "asyncpg.connect_utils")
+
+
+def _raised_in(exc: BaseException, modules: tuple[str, ...]) -> bool:
+    """Whether any frame between the raise and the catch runs in one of ``modules``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if isinstance(name, str) and name.startswith(modules):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _type_names(exc: BaseException) -> Iterator[str]:
     for cls in type(exc).__mro__:
         yield f"{cls.__module__}.{cls.__qualname__}"
@@ -171,8 +189,12 @@ def _builtin_kind(exc: BaseException) -> ErrorKind | None:
             return ErrorKind.TRANSIENT
     if getattr(exc, "connection_invalidated", False):
         return ErrorKind.OUTAGE
-    # asyncpg's Pool.acquire(timeout=...) raises a bare (asyncio.)TimeoutError.
-    if isinstance(exc, TimeoutError | ConnectionRefusedError | ConnectionResetError):
+    if isinstance(exc, ConnectionRefusedError | ConnectionResetError):
+        return ErrorKind.OUTAGE
+    # asyncpg's Pool.acquire(timeout=...) and its connect timeout raise a bare
+    # TimeoutError; so do the app's own wait_for/fail_after and asyncpg's query
+    # timeouts, which say nothing about the pool. Where it was raised tells them apart.
+    if isinstance(exc, _TIMEOUT_ERRORS) and _raised_in(exc, _POOL_MODULES):
         return ErrorKind.OUTAGE
     if "psycopg.OperationalError" in names and sqlstate is None:
         return ErrorKind.OUTAGE  # psycopg: no SQLSTATE means the connection itself failed
@@ -188,8 +210,10 @@ def classify(exc: BaseException, classifiers: Iterable[Classifier] = ()) -> Erro
     ``classifiers`` run first, on every exception in the chain (the exception, its
     ``orig`` and ``__cause__``); the first answer that is not ``None`` wins. Then the
     built-in rules: pool timeouts, connection failures, SQLSTATE 53300, 57P01-57P03
-    and class 08 are outages; 40001 and 40P01 are transient. Cancellation is never an
-    outage.
+    and class 08 are outages; 40001 and 40P01 are transient. A bare ``TimeoutError`` is
+    an outage only when a pool raised it (asyncpg's acquire or connect timeout): the
+    app's own ``wait_for``/``fail_after`` and query timeouts are the app's. Cancellation
+    is never an outage.
     """
     if isinstance(exc, CancelledError | KeyboardInterrupt | SystemExit | GeneratorExit):
         return ErrorKind.APP
