@@ -15,7 +15,7 @@ from guardrails.demo.options import add_arguments as add_arguments
 
 __all__ = ["add_arguments", "run"]
 
-_NEEDED = ("sqlalchemy", "aiosqlite", "greenlet", "uvicorn")
+_NEEDED = ("sqlalchemy", "aiosqlite", "greenlet", "uvicorn", "matplotlib")
 
 
 def run(args: argparse.Namespace) -> int:

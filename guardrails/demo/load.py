@@ -16,27 +16,52 @@ from typing import Any
 import anyio
 import httpx
 
-from guardrails.demo.options import SEED_ROWS, STEADY_RATE
+from guardrails.demo.options import (
+    BURST_OFF,
+    BURST_ON,
+    SEED_ROWS,
+    SEED_USERS,
+    STEADY_RATE,
+    password_for,
+)
 
-__all__ = ["Arrival", "Outcome", "Profile", "Progress", "drive", "schedule"]
+__all__ = ["SHED_REASONS", "Arrival", "Outcome", "Profile", "Progress", "drive", "schedule"]
 
 
 @dataclass(frozen=True)
 class Profile:
-    """The load's shape: light mixed traffic all along, plus a burst on ``/dashboard``."""
+    """The light-traffic outage: a few users all along, plus bursts on ``/dashboard``.
+
+    The few users sign in, open dashboards and reports, read and add items at
+    ``steady_rate``. From ``burst_start`` on, bursts of ``burst_rate`` dashboards a
+    second last ``burst_on`` seconds with ``burst_off`` seconds of calm in between:
+    light traffic on average, more than the pool can take while a burst lasts.
+    """
 
     duration: float
     burst_rate: float
     steady_rate: float = STEADY_RATE
+    burst_on: float = BURST_ON
+    burst_off: float = BURST_OFF
 
     @property
     def burst_start(self) -> float:
-        """When the burst begins: after a short calm stretch that shows the baseline."""
+        """When the first burst begins: after a short calm stretch that shows the baseline."""
         return min(1.0, self.duration / 10)
 
     @property
     def burst_end(self) -> float:
+        """When the last burst ends at the latest: the end of the run."""
         return self.duration
+
+    def bursts(self) -> list[tuple[float, float]]:
+        """The bursts' ``(start, end)`` times, in seconds from the start of the run."""
+        windows: list[tuple[float, float]] = []
+        start = self.burst_start
+        while start < self.duration:
+            windows.append((start, min(start + self.burst_on, self.duration)))
+            start += self.burst_on + self.burst_off
+        return windows
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,8 @@ class Arrival:
     path: str
     body: dict[str, Any] | None = None
     burst: bool = False
+    route: str = ""
+    """The route's template (``/reports/{name}``), to group outcomes by route."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +93,23 @@ class Outcome:
     retry_after: int | None = None
     """The integer ``Retry-After`` header of a 503, when it has a valid one."""
     shed_body: bool = False
-    """Whether a 503's body is ``{"error": "overloaded", "retry_after": N}`` matching the header."""
+    """Whether a 503's body is ``{"error": <reason>, "retry_after": N}`` matching the header."""
+    stale: bool = False
+    """A 2xx replayed from the cache (``X-Guardrails: stale``) instead of run fresh."""
+    reason: str | None = None
+    """A 503's ``error``: ``overloaded``, ``unavailable``, ``read_only`` or ``timeout``."""
+
+    @property
+    def kind(self) -> str:
+        """The outcome in one word for charts and tables: ``ok``, ``stale``, ``503 ...``..."""
+        status = self.status
+        if status is None:
+            return "client timeout" if self.error and "Timeout" in self.error else "no answer"
+        if 200 <= status < 300:
+            return "stale" if self.stale else "ok"
+        if status == 503:
+            return f"503 {self.reason or 'other'}"
+        return str(status)
 
 
 @dataclass
@@ -89,21 +132,33 @@ def _poisson(rng: random.Random, rate: float, start: float, end: float) -> Itera
 
 def schedule(profile: Profile, seed: int) -> list[Arrival]:
     """Every request of a run, in order of due time; the same ``seed`` gives the same list."""
-    # Separate streams, so a different --rate leaves the background traffic unchanged.
+    # Separate streams, so a different --rate leaves the few users' traffic unchanged.
     steady_rng = random.Random(f"{seed}/steady")
     burst_rng = random.Random(f"{seed}/burst")
     arrivals: list[Arrival] = []
     for at in _poisson(steady_rng, profile.steady_rate, 0.0, profile.duration):
         pick = steady_rng.random()
-        if pick < 0.5:
-            arrivals.append(Arrival(at, "GET", f"/items/{steady_rng.randint(1, SEED_ROWS)}"))
-        elif pick < 0.7:
-            body = {"name": f"order {len(arrivals)}", "price_cents": steady_rng.randint(100, 9999)}
-            arrivals.append(Arrival(at, "POST", "/items", body))
+        if pick < 0.2:
+            user = f"user{steady_rng.randint(1, SEED_USERS)}"
+            login = {"user": user, "password": password_for(user)}
+            arrivals.append(Arrival(at, "POST", "/login", login, route="/login"))
+        elif pick < 0.45:
+            arrivals.append(Arrival(at, "GET", "/dashboard", route="/dashboard"))
+        elif pick < 0.55:
+            name = steady_rng.choice(("sales", "stock", "customers"))
+            arrivals.append(Arrival(at, "GET", f"/reports/{name}", route="/reports/{name}"))
+        elif pick < 0.8:
+            item = steady_rng.randint(1, SEED_ROWS)
+            arrivals.append(Arrival(at, "GET", f"/items/{item}", route="/items/{item_id}"))
         else:
-            arrivals.append(Arrival(at, "GET", "/dashboard"))
-    for at in _poisson(burst_rng, profile.burst_rate, profile.burst_start, profile.burst_end):
-        arrivals.append(Arrival(at, "GET", "/dashboard", burst=True))
+            order: dict[str, Any] = {
+                "name": f"order {len(arrivals)}",
+                "price_cents": steady_rng.randint(100, 9999),
+            }
+            arrivals.append(Arrival(at, "POST", "/items", order, route="/items"))
+    for start, end in profile.bursts():
+        for at in _poisson(burst_rng, profile.burst_rate, start, end):
+            arrivals.append(Arrival(at, "GET", "/dashboard", burst=True, route="/dashboard"))
     arrivals.sort(key=lambda arrival: arrival.at)
     return arrivals
 
@@ -153,25 +208,35 @@ async def _send(
         outcome = Outcome(arrival, None, anyio.current_time() - due, lag, type(exc).__name__)
     else:
         latency = anyio.current_time() - due
-        retry_after, shed_body = (
-            _shed_details(response) if response.status_code == 503 else (None, False)
+        retry_after, shed_body, reason = (
+            _shed_details(response) if response.status_code == 503 else (None, False, None)
         )
-        outcome = Outcome(arrival, response.status_code, latency, lag, None, retry_after, shed_body)
+        stale = response.headers.get("x-guardrails") == "stale"
+        outcome = Outcome(
+            arrival, response.status_code, latency, lag, None, retry_after, shed_body, stale, reason
+        )
     progress.outcomes.append(outcome)
     progress.done += 1
 
 
-def _shed_details(response: httpx.Response) -> tuple[int | None, bool]:
+SHED_REASONS = ("overloaded", "unavailable", "read_only", "timeout")
+"""The ``error`` values of the 503s guardrails answers."""
+
+
+def _shed_details(response: httpx.Response) -> tuple[int | None, bool, str | None]:
     header = response.headers.get("retry-after", "")
     retry_after = int(header) if header.isdigit() else None
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return retry_after, False
+        return retry_after, False, None
+    reason = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(reason, str):
+        return retry_after, False, None
     shed_body = (
         retry_after is not None
+        and reason in SHED_REASONS
         and isinstance(body, dict)
-        and body.get("error") == "overloaded"
         and body.get("retry_after") == retry_after
     )
-    return retry_after, shed_body
+    return retry_after, shed_body, reason

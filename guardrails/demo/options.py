@@ -11,43 +11,76 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "BURST_OFF",
+    "BURST_ON",
     "CAPACITY",
     "DEFAULT_DURATION",
+    "DEFAULT_OUTPUT",
     "DEFAULT_POOL_TIMEOUT",
     "DEFAULT_RATE",
+    "JOB_INTERVAL",
+    "JOB_QUERY_MS",
     "MAX_QUEUE",
     "POOL_SIZE",
     "QUEUE_TIMEOUT",
+    "REPORT_QUERY_MS",
     "SEED_ROWS",
+    "SEED_USERS",
     "SLOW_QUERY_MS",
+    "STALE_TTL",
     "STEADY_RATE",
     "DemoError",
     "DemoOptions",
     "add_arguments",
+    "password_for",
 ]
 
 POOL_SIZE = 5
-"""Connections in the example app's pool; also the guard's concurrency."""
-SLOW_QUERY_MS = 150
-"""How long one ``GET /dashboard`` holds its connection."""
+"""Connections in the example app's pool, in both runs; also the guard's slots."""
+SLOW_QUERY_MS = 400
+"""How long the dashboard's slow query holds its connection."""
+REPORT_QUERY_MS = 1000
+"""How long ``GET /reports/{name}`` holds its connection: the heavier, less urgent page."""
+JOB_QUERY_MS = 300
+"""How long each round of the background job holds a connection."""
+JOB_INTERVAL = 2.0
+"""Seconds between rounds of the background job that shares the app's pool."""
 CAPACITY = POOL_SIZE * 1000 / SLOW_QUERY_MS
-"""Dashboard requests per second the pool can serve: 5 / 0.150 s, about 33."""
-QUEUE_TIMEOUT = 1.0
+"""Dashboards per second the whole pool could serve if it did nothing else: 5 / 0.4 s."""
+QUEUE_TIMEOUT = 0.5
 """Seconds a request may wait for a guard slot before it is shed."""
-MAX_QUEUE = 32
-"""Requests that may wait for a guard slot at once; the next one is shed at once."""
+MAX_QUEUE = 4
+"""Requests that may wait for a guard slot at once; the next one is shed at once.
+
+Four normal slots finish about ten dashboards a second, so four waiters are served
+within about ``QUEUE_TIMEOUT``: whoever is admitted still gets a timely answer.
+"""
+STALE_TTL = 120.0
+"""Seconds the last good dashboard may be served, marked stale, instead of a 503."""
 SEED_ROWS = 1000
 """Rows in the items table at start; ``GET /items/{id}`` asks for ids in 1..SEED_ROWS."""
-STEADY_RATE = 6.0
-"""Requests per second of light, mixed background traffic during the whole run."""
+SEED_USERS = 50
+"""Accounts that ``POST /login`` can sign in."""
+STEADY_RATE = 5.0
+"""Requests per second of light, mixed traffic from a few users during the whole run."""
+BURST_ON = 3.0
+"""Seconds each burst on ``GET /dashboard`` lasts."""
+BURST_OFF = 2.0
+"""Seconds of calm between bursts."""
 
-DEFAULT_DURATION = 12.0
+DEFAULT_DURATION = 15.0
 DEFAULT_RATE = float(math.ceil(2 * CAPACITY))
-# SQLAlchemy's own default is 30 s; 10 s still shows the hang but keeps both runs of the
-# default demo under ~45 s on a 2-core machine.
-DEFAULT_POOL_TIMEOUT = 10.0
+# SQLAlchemy's own default is 30 s. 5 s still shows the hang and the 500s that end it,
+# and keeps both runs of the default demo well under a minute.
+DEFAULT_POOL_TIMEOUT = 5.0
+DEFAULT_OUTPUT = "demo-output"
 
 _DATABASE_SCHEMES = ("postgresql+asyncpg",)
+
+
+def password_for(name: str) -> str:
+    """The demo account ``name``'s password (the app seeds it, the load signs in with it)."""
+    return f"{name}-password"
 
 
 class DemoError(Exception):
@@ -63,6 +96,8 @@ class DemoOptions:
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
     database_url: str | None = None
     seed: int = 1
+    output: str = DEFAULT_OUTPUT
+    """Directory for the chart and the raw results."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoOptions:
@@ -72,6 +107,7 @@ class DemoOptions:
             pool_timeout=args.pool_timeout,
             database_url=args.database_url,
             seed=args.seed,
+            output=args.output,
         )
 
 
@@ -117,8 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_number(1, 1000, "requests per second"),
         default=DEFAULT_RATE,
         metavar="PER_SECOND",
-        help=f"arrival rate of the burst on GET /dashboard; the pool serves about "
-        f"{CAPACITY:.0f}/s (default: %(default)g, twice that)",
+        help=f"arrival rate of GET /dashboard during each burst; the whole pool serves "
+        f"about {CAPACITY:g} of them a second (default: %(default)g, twice that)",
     )
     parser.add_argument(
         "--pool-timeout",
@@ -134,12 +170,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="URL",
         help="run the example app on PostgreSQL (postgresql+asyncpg://...) instead of a "
-        "temporary SQLite file; the slow query becomes pg_sleep(0.15) and a table named "
-        "guardrails_demo_items is created there",
+        "temporary SQLite file; the slow queries become pg_sleep() and tables named "
+        "guardrails_demo_* are created there",
     )
     parser.add_argument(
         "--seed",
         type=int,
         default=1,
         help="seed of the random arrival times, so runs can be repeated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        metavar="DIR",
+        help="directory for the chart (demo.png) and the raw results (demo.json, "
+        "demo.csv); created if missing (default: %(default)s)",
     )

@@ -31,23 +31,56 @@ def _guarded_only(value: int | None, stats: RunStats) -> str:
     return _count(value) if stats.guarded else "-"
 
 
+def _shed(reason: str) -> Callable[[RunStats], str]:
+    return lambda s: _count(s.shed_by_error.get(reason, 0))
+
+
+def _server_errors(s: RunStats) -> str:
+    return _count(s.server_errors)
+
+
+def _job(s: RunStats) -> str:
+    if s.job_runs is None or s.job_failed is None:
+        return "-"
+    return f"{s.job_runs - s.job_failed:,} / {s.job_failed:,}"
+
+
 _ROWS: list[tuple[str, Callable[[RunStats], str]]] = [
     ("requests sent", lambda s: _count(s.sent)),
     ("2xx answered", lambda s: _count(s.ok)),
+    ("  of which stale dashboards", lambda s: _count(s.stale)),
     ("goodput (2xx/s)", lambda s: f"{s.goodput:.1f}"),
-    ("503 shed", lambda s: _count(s.shed)),
-    ("500 errors", lambda s: _count(s.server_errors)),
-    ("other errors / timeouts", lambda s: _count(s.other)),
+    ("  fresh 2xx/s", lambda s: f"{s.fresh_goodput:.1f}"),
     ("latency p50 (ms)", lambda s: _ms(s.p50_ms)),
     ("latency p95 (ms)", lambda s: _ms(s.p95_ms)),
     ("latency p99 (ms)", lambda s: _ms(s.p99_ms)),
     ("longest stall (ms)", lambda s: _ms(s.max_ms)),
     ("2xx latency p50 (ms)", lambda s: _ms(s.ok_p50_ms)),
+    ("2xx latency p99 (ms)", lambda s: _ms(s.ok_p99_ms)),
+    ("login p99 (ms)", lambda s: _ms(s.login_p99_ms)),
+    ("500 errors", _server_errors),
+    ("pool timeouts (server log)", lambda s: _count(s.pool_timeouts)),
+    ("503 overloaded", _shed("overloaded")),
+    ("503 unavailable", _shed("unavailable")),
+    ("503 read_only", _shed("read_only")),
+    ("503 timeout", _shed("timeout")),
+    ("client timeouts / no answer", lambda s: _count(s.other)),
     ("503 latency p99 (ms)", lambda s: _ms(s.shed_p99_ms)),
-    ("limiter shed_total", lambda s: _guarded_only(s.limiter_shed_total, s)),
+    ("breaker transitions", lambda s: _transitions(s)),
+    ("background job ok / failed", _job),
     ("limiter in-flight after", lambda s: _guarded_only(s.limiter_in_flight, s)),
     ("client send lag max (ms)", lambda s: _ms(s.max_lag_ms)),
 ]
+
+
+def _transitions(s: RunStats) -> str:
+    if s.breaker_transitions is None:
+        return "-"
+    total = sum(s.breaker_transitions.values())
+    if not total:
+        return "0"
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(s.breaker_transitions.items()))
+    return f"{total} ({parts})"
 
 
 def table(runs: Sequence[RunStats]) -> str:
@@ -96,21 +129,9 @@ def _unguarded_sentence(s: RunStats) -> str:
             f"the {s.ok:,} that succeeded took p50 {_seconds(s.ok_p50_ms)}, "
             f"p99 {_seconds(s.ok_p99_ms)}"
         )
+    if s.login_p99_ms is not None:
+        parts.append(f"logins p99 {_seconds(s.login_p99_ms)}")
     return "; ".join(parts)
-
-
-def _shed_sentence(s: RunStats) -> str:
-    retry = "/".join(str(r) for r in s.retry_after) if s.retry_after else "(missing)"
-    sentence = (
-        f"{_plural(s.shed, 'excess request')} got 503 + Retry-After: {retry} "
-        f"in p50 {_seconds(s.shed_p50_ms)}, p99 {_seconds(s.shed_p99_ms)}"
-    )
-    why = [
-        f"{count:,} {_REASONS.get(reason, reason)}"
-        for reason, count in sorted(s.shed_by_reason.items(), key=lambda item: -item[1])
-        if count
-    ]
-    return sentence + (f" ({', '.join(why)})" if why else "")
 
 
 _REASONS = {
@@ -121,14 +142,42 @@ _REASONS = {
 }
 
 
+def _refused_sentence(s: RunStats) -> str:
+    refused = s.limiter_shed_total if s.limiter_shed_total is not None else s.shed
+    why = [
+        f"{count:,} {_REASONS.get(reason, reason)}"
+        for reason, count in sorted(s.shed_by_reason.items(), key=lambda item: -item[1])
+        if count
+    ]
+    sentence = f"{_plural(refused, 'request')} were not let wait" + (
+        f" ({', '.join(why)})" if why else ""
+    )
+    answers = []
+    if s.stale:
+        answers.append(
+            f"{_plural(s.stale, 'dashboard')} got the last good page, marked stale, "
+            f"in p99 {_seconds(s.stale_p99_ms)}"
+        )
+    if s.shed:
+        retry = "/".join(str(r) for r in s.retry_after) if s.retry_after else "(missing)"
+        answers.append(
+            f"{_plural(s.shed, 'request')} got 503 + Retry-After: {retry} "
+            f"in p50 {_seconds(s.shed_p50_ms)}, p99 {_seconds(s.shed_p99_ms)}"
+        )
+    return sentence + (": " + " and ".join(answers) if answers else "")
+
+
 def _guarded_sentence(s: RunStats) -> str:
     parts = [_plural(s.server_errors + s.other, "error")]
-    if s.shed:
-        parts.append(_shed_sentence(s))
-    if s.ok:
+    if s.shed or s.stale or s.limiter_shed_total:
+        parts.append(_refused_sentence(s))
+    if s.fresh:
         parts.append(
-            f"the {s.ok:,} admitted took p50 {_seconds(s.ok_p50_ms)}, p99 {_seconds(s.ok_p99_ms)}"
+            f"the {s.fresh:,} run fresh took p50 {_seconds(s.fresh_p50_ms)}, "
+            f"p99 {_seconds(s.fresh_p99_ms)}"
         )
+    if s.login_p99_ms is not None:
+        parts.append(f"logins p99 {_seconds(s.login_p99_ms)}")
     return "; ".join(parts)
 
 

@@ -6,8 +6,8 @@ Pure data in, data out: no I/O, so the test and the report read the very same fi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from guardrails.demo.load import Outcome
@@ -61,11 +61,49 @@ class RunStats:
     limiter_queued: int | None
     shed_by_reason: Mapping[str, int]
     """The limiter's count of sheds per reason (``queue_timeout``, ``queue_full``...)."""
+    stale: int = 0
+    """2xx answers replayed from the cache, marked ``X-Guardrails: stale`` (part of ``ok``)."""
+    shed_by_error: Mapping[str, int] = field(default_factory=dict)
+    """503s by the ``error`` of their body: ``overloaded``, ``unavailable``, ``read_only``..."""
+    login_p99_ms: float | None = None
+    """p99 latency of ``POST /login``, whatever its answer: can people still sign in?"""
+    breaker_transitions: Mapping[str, int] | None = None
+    """Breaker transitions by the state entered, from the guard's telemetry (guarded run)."""
+    stale_served: int | None = None
+    """Stale answers the guard counted itself (guarded run); should equal ``stale``."""
+    job_runs: int | None = None
+    """Rounds the app's background job started during the run."""
+    job_failed: int | None = None
+    """Rounds of the background job that failed (pool timeout, shed, unavailable...)."""
+    job_max_ms: float | None = None
+    """The background job's longest round."""
+    duration: float = 0.0
+    """Seconds of scheduled load (the load's ``--duration``)."""
+    stale_p99_ms: float | None = None
+    fresh_p50_ms: float | None = None
+    fresh_p99_ms: float | None = None
 
     @property
     def goodput(self) -> float:
-        """2xx responses per second of the run."""
+        """2xx responses per second of the run, stale ones included."""
         return self.ok / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def fresh(self) -> int:
+        """2xx responses the app computed for this request (not replayed from the cache)."""
+        return self.ok - self.stale
+
+    @property
+    def fresh_goodput(self) -> float:
+        """Fresh 2xx responses per second of the run."""
+        return self.fresh / self.wall if self.wall > 0 else 0.0
+
+    @property
+    def breaker_opened(self) -> int | None:
+        """How many times the breaker opened (guarded run)."""
+        if self.breaker_transitions is None:
+            return None
+        return int(self.breaker_transitions.get("open", 0))
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -88,8 +126,14 @@ def summarize(
     pool_timeout: float,
     pool_timeouts: int | None = None,
     snapshot: Mapping[str, Any] | None = None,
+    job: Mapping[str, Any] | None = None,
+    duration: float = 0.0,
 ) -> RunStats:
-    """The figures of a run from its outcomes and, for a guarded run, the guard's snapshot."""
+    """The figures of a run from its outcomes and the app's own counters.
+
+    ``snapshot`` is the guard's ``snapshot()`` after the run (guarded run), ``job`` the
+    background job's counters from ``GET /demo/stats``.
+    """
     latencies = sorted(o.latency for o in outcomes)
     by_class: dict[str, list[Outcome]] = {"ok": [], "shed": [], "error": [], "other": []}
     for outcome in outcomes:
@@ -106,6 +150,9 @@ def summarize(
     limiter = snapshot.get("limiter") if snapshot is not None else None
     if not isinstance(limiter, Mapping):
         limiter = {}
+    telemetry = snapshot.get("telemetry") if snapshot is not None else None
+    if not isinstance(telemetry, Mapping):
+        telemetry = {}
     wall = max((o.arrival.at + o.latency for o in outcomes), default=0.0)
     return RunStats(
         label=label,
@@ -135,6 +182,18 @@ def summarize(
         limiter_in_flight=_int_or_none(limiter.get("in_flight")),
         limiter_queued=_int_or_none(limiter.get("queued")),
         shed_by_reason=_reasons(limiter.get("shed_by_reason")),
+        stale=sum(1 for o in by_class["ok"] if o.stale),
+        shed_by_error=_count_by(o.reason or "other" for o in shed),
+        login_p99_ms=_ms([o.latency for o in outcomes if o.arrival.route == "/login"], 0.99),
+        breaker_transitions=_reasons(telemetry.get("breaker_transitions")) if guarded else None,
+        stale_served=_stale_served(telemetry) if guarded else None,
+        job_runs=_int_or_none(job.get("runs")) if job is not None else None,
+        job_failed=_failed(job.get("failed")) if job is not None else None,
+        job_max_ms=_float_or_none(job.get("max_ms")) if job is not None else None,
+        duration=duration,
+        stale_p99_ms=_ms([o.latency for o in by_class["ok"] if o.stale], 0.99),
+        fresh_p50_ms=_ms([o.latency for o in by_class["ok"] if not o.stale], 0.50),
+        fresh_p99_ms=_ms([o.latency for o in by_class["ok"] if not o.stale], 0.99),
     )
 
 
@@ -142,6 +201,36 @@ def _reasons(value: Any) -> dict[str, int]:
     if not isinstance(value, Mapping):
         return {}
     return {str(k): v for k, v in value.items() if _int_or_none(v) is not None}
+
+
+def _count_by(keys: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _stale_served(telemetry: Mapping[str, Any]) -> int:
+    fallbacks = telemetry.get("fallbacks")
+    if not isinstance(fallbacks, list):
+        return 0
+    return sum(
+        int(f.get("count", 0))
+        for f in fallbacks
+        if isinstance(f, Mapping) and f.get("kind") == "stale"
+    )
+
+
+def _failed(value: Any) -> int | None:
+    if not isinstance(value, Mapping):
+        return None
+    return sum(n for n in map(_int_or_none, value.values()) if n is not None)
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _int_or_none(value: Any) -> int | None:
