@@ -27,8 +27,8 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)  ## overhead benchmark: bare Starlette vs the same app behind GuardrailsMiddleware
-	$(PY) benchmarks/overhead.py
+bench: $(STAMP)  ## benchmark suite (a few minutes): writes docs/benchmarks.md
+	$(PY) benchmarks/run.py
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict

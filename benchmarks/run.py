@@ -1,0 +1,224 @@
+"""Run the whole benchmark suite and write docs/benchmarks.md from what it measured.
+
+Parts, each also runnable alone (``--help`` on each): ``overhead.py`` (in-process
+ASGI), ``overload.py`` (4x capacity on real uvicorn and PostgreSQL), ``outage.py``
+(PostgreSQL stopped under load) and ``looplag.py`` (event-loop lag at 10x capacity).
+
+    make bench     # or: .venv/bin/python benchmarks/run.py [--output docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _harness as h
+import looplag
+import outage
+import overhead
+import overload
+
+PARTS = {"overhead": overhead, "overload": overload, "outage": outage, "looplag": looplag}
+
+INTRO = """\
+# Benchmarks
+
+Benchmarks are not part of the test run: timings on shared machines are noisy, so
+every number below is compared with a baseline measured in the same run, and the
+in-process numbers are medians of interleaved rounds. This page is written by the
+suite itself from one run:
+
+```
+make bench        # or: .venv/bin/python benchmarks/run.py
+```
+
+Each part also runs alone and prints its table: `benchmarks/overhead.py`,
+`benchmarks/overload.py`, `benchmarks/outage.py`, `benchmarks/looplag.py` (`--help`
+for their options). The load parts start a throwaway PostgreSQL cluster (or use
+`DATABASE_URL`), run the app under uvicorn in a child process on 127.0.0.1, and send
+real HTTP from an open-loop client in the benchmark process: each request leaves at
+its scheduled time whether or not earlier ones have answered, and its latency counts
+from that scheduled time, so a stalled server cannot slow the load down and hide it.
+"""
+
+
+def _machine(info: dict[str, str], postgres: str) -> str:
+    rows = [
+        ["CPU", f"{info['cpu']} ({info['cores']} cores)"],
+        ["OS", info["os"]],
+        ["Python", info["python"]],
+        ["guardrails", info["guardrails"]],
+        ["libraries", info["libraries"]],
+        ["database", postgres],
+    ]
+    return h.table(["", ""], rows)
+
+
+def _check(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def targets(results: dict[str, Any]) -> str:
+    """DESIGN.md's targets against this run's numbers."""
+    rows = []
+    over = results.get("overhead")
+    if over:
+        ratio = over["cases"]["admitted"]["ratio"]
+        rows.append(["hot path, admitted", "<= 1.25x bare", f"{ratio:.3f}x", _check(ratio <= 1.25)])
+    load = results.get("overload")
+    if load:
+        g = load["runs"]["guardrails"]
+        bound = 1.0 + 2 * h.QUERY_SECONDS
+        rows += [
+            [
+                "overload goodput",
+                ">= 95% of pool/query time",
+                f"{g['goodput_fraction']:.1%}",
+                _check(g["goodput_fraction"] >= 0.95),
+            ],
+            [
+                "overload 2xx p99",
+                f"<= queue_timeout + 2 x query = {bound * 1000:.0f} ms",
+                f"{h.ms(g['ok_p99'])} ms",
+                _check(g["ok_p99"] <= bound),
+            ],
+            [
+                "overload shed p99",
+                "<= 10 ms",
+                f"{h.ms(g['shed_p99'])} ms",
+                _check(g["shed_p99"] <= 0.010),
+            ],
+            [
+                "no request past its deadline",
+                f"0 answers after {overload.DEADLINE:.0f} s",
+                str(g["past_deadline"]),
+                _check(g["past_deadline"] == 0),
+            ],
+        ]
+    out = results.get("outage")
+    if out:
+        w = out["while_open"]
+        pool = out["pool_while_open"]
+        acquires = pool["checkouts"] + pool["connects"]
+        recovery = out["recovery"]
+        rows += [
+            [
+                "fallback p99, breaker open",
+                "<= 5 ms",
+                f"{h.ms(w['p99'])} ms",
+                _check(w["p99"] <= 0.005),
+            ],
+            [
+                "pool acquires while open",
+                "0",
+                f"{acquires} checkouts/connects, {pool['handler_calls']} attempts",
+                _check(acquires == 0 and pool["handler_calls"] == 0),
+            ],
+            [
+                "recovery after the database returns",
+                f"<= reset_timeout + 1 s = {out['reset_timeout'] + 1:.0f} s",
+                "-" if recovery is None else f"{recovery:.2f} s",
+                _check(None if recovery is None else recovery <= out["reset_timeout"] + 1),
+            ],
+        ]
+    return h.table(["target (DESIGN.md)", "bar", "this run", ""], rows)
+
+
+EXPLAIN = {
+    "overhead": """\
+What it measures: the per-request time of a hello-world route called in-process over
+ASGI (no sockets, no HTTP parsing), so the ratio is what the middleware itself adds.
+*admitted*: a slot is free and the app runs. *cache hit*: a route with
+`@policy(cache_ttl=...)` answered from `MemoryCache` without calling the app. *shed*:
+one slot, held for good, `max_queue=0`, so every request gets 503 `overloaded` at once.
+*breaker open*: `guard.breaker.force_open(...)`, every request gets 503 `unavailable`.
+*BaseHTTPMiddleware + Semaphore*: the usual hand-written limiter (`asyncio.wait_for`
+on a semaphore, 64 permits, never full here); *BaseHTTPMiddleware alone* shows how
+much of that is the base class. Ratios are to bare Starlette's median in the same run;
+the last column shows the spread of the rounds.""",
+    "overload": """\
+What it measures: each server has the same SQLAlchemy pool (`pool_size=5`,
+`max_overflow=0`; without guardrails its default 30 s `pool_timeout` is what queues
+requests) and the same route (`SELECT pg_sleep(0.05)`), so the pool can serve at most
+100 requests/s. *goodput* counts 2xx answered within 1 s of their scheduled send, per
+second of arrivals, and its share of those 100/s. *other / no answer*: anything but 200
+or 503, including requests the client gave up on after 8 s. *past 5 s*: requests
+answered (or abandoned) more than 5 s after they were due. *client lag*: how late the
+client started requests; the client check against a route without a database at the
+same rate shows what the client and the HTTP stack cost on their own. *pool hold*:
+mean time a connection was checked out per request (checkout to checkin events), which
+bounds goodput at `5 / hold`.""",
+    "outage": """\
+What it measures: the guarded server's route has `Policy(stale_ttl=600)`, so while the
+database is down it answers with the last good response (`X-Guardrails: stale`). The
+*fallback* latencies are those of requests sent while the breaker was open. *Pool
+acquires while open*: SQLAlchemy pool `checkout` and `connect` events fired while the
+breaker was open, and *attempts*: requests that reached the handler (and so asked the
+pool for a connection) while it was open. *Recovery* is from `pg_ctl start` returning
+(the server accepts connections) to the breaker closing, which the probe does without
+spending a user request.""",
+    "looplag": """\
+What it measures: a task in the server sleeps 10 ms in a loop and records how much
+later than that it wakes; every request's callbacks wait as long. Idle first, then while
+the server sheds open-loop load at 10x its capacity. The client shares the machine's
+two cores with the server and the database, so its own lag is shown too.""",
+}
+
+TITLES = {
+    "overhead": "Hot-path overhead",
+    "overload": "Overload: 4x capacity on a real pool",
+    "outage": "Outage: the database stops under load",
+    "looplag": "Event-loop lag while shedding at 10x capacity",
+}
+
+
+def render(results: dict[str, Any], info: dict[str, str], postgres: str, command: str) -> str:
+    """The whole of docs/benchmarks.md."""
+    parts = [INTRO, "## The machine", "", _machine(info, postgres), ""]
+    parts += [f"Command: `{command}`.", "", "## Targets", "", targets(results), ""]
+    for name, module in PARTS.items():
+        if name in results:
+            parts += [
+                f"## {TITLES[name]}",
+                "",
+                module.markdown(results[name]),
+                "",
+                EXPLAIN[name],
+                "",
+            ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=h.ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--parts", nargs="*", choices=list(PARTS), default=list(PARTS), help="parts to run"
+    )
+    args = parser.parse_args(argv)
+    overhead.quiet()
+    results: dict[str, Any] = {}
+    for name in args.parts:
+        module = PARTS[name]
+        sub = argparse.ArgumentParser()
+        module.add_arguments(sub)
+        started = time.monotonic()
+        print(f"{name}...", file=sys.stderr)
+        results[name] = module.run(sub.parse_args([]))
+        print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    postgres = results.get("overload", {}).get("postgres", "PostgreSQL")
+    command = "make bench  # .venv/bin/python benchmarks/run.py"
+    text = render(results, h.machine(), postgres, command)
+    args.output.write_text(text)
+    print(text)
+    ratio = results.get("overhead", {}).get("cases", {}).get("admitted", {}).get("ratio", math.nan)
+    print(f"wrote {args.output}; admitted path {ratio:.3f}x", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
