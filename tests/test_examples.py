@@ -1,0 +1,214 @@
+"""The example apps, run the way their docstrings say: uvicorn in a subprocess, real PostgreSQL.
+
+Each example reads DATABASE_URL at import; the server listens on a socket bound here on
+127.0.0.1 (``uvicorn --fd``), so no port can be taken between choosing and binding it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import pytest
+from pgcluster import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES: dict[str, Literal["asyncpg"] | None] = {
+    # module: SQLAlchemy driver in its DATABASE_URL (None: a plain libpq URL)
+    "starlette_app": "asyncpg",
+    "fastapi_app": "asyncpg",
+    "asyncpg_app": None,
+}
+STARTUP_SECONDS = 20.0
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass
+class Served:
+    """One example app running under uvicorn."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _start(module: str, database_url: str, log: Path) -> Served:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": database_url}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"examples.{module}:app",
+                "--fd",
+                str(sock.fileno()),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            pass_fds=[sock.fileno()],
+        )
+    sock.close()
+    return Served(process, f"http://127.0.0.1:{port}", log)
+
+
+def _wait_ready(served: Served) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if served.process.poll() is not None:
+            pytest.fail(f"{served.url} exited at startup:\n{served.output()}")
+        try:
+            if httpx.get(served.url + "/health/guardrails", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"{served.url} did not answer within {STARTUP_SECONDS} s:\n{served.output()}")
+
+
+@pytest.fixture(scope="module")
+def examples(
+    postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Served]]:
+    """All example apps, started at once (their imports overlap), stopped after the module."""
+    logs = tmp_path_factory.mktemp("examples")
+    running = {
+        module: _start(module, postgres.dsn(driver), logs / f"{module}.log")
+        for module, driver in EXAMPLES.items()
+    }
+    try:
+        for served in running.values():
+            _wait_ready(served)
+        yield running
+    finally:
+        for served in running.values():
+            served.process.terminate()
+        for served in running.values():
+            try:
+                served.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                served.process.kill()
+                served.process.wait()
+    for module, served in running.items():
+        # Requests, lifespan shutdown (guard.aclose, engine.dispose) all ended cleanly.
+        assert "Traceback" not in served.output(), f"{module}:\n{served.output()}"
+
+
+def _client(served: Served) -> httpx.Client:
+    return httpx.Client(base_url=served.url, timeout=10)
+
+
+def _health(client: httpx.Client) -> dict[str, object]:
+    response = client.get("/health/guardrails")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/health+json"
+    body = response.json()
+    assert isinstance(body, dict)
+    return body
+
+
+def test_starlette_example(examples: dict[str, Served]) -> None:
+    with _client(examples["starlette_app"]) as client:
+        dashboard = client.get("/dashboard")
+        assert dashboard.status_code == 200, dashboard.text
+        tables = dashboard.json()["tables"]
+        assert isinstance(tables, int)
+        assert tables > 0  # pg_catalog's own tables are in pg_tables
+
+        report = client.get("/reports/monthly")
+        assert report.status_code == 200
+        assert report.json() == {"report": "monthly"}
+
+        note = client.post("/notes", content=b"hello")
+        assert note.status_code == 201
+        assert note.json() == {"saved": True}
+
+        health = _health(client)
+        assert health["status"] == "pass"
+        checks = health["checks"]
+        assert isinstance(checks, dict)
+        assert checks["breaker:state"][0]["observedValue"] == "closed"
+        assert checks["limiter:in_flight"][0]["observedValue"] == 0
+        assert checks["limiter:in_flight"][0]["limit"] == 33  # ConnectionBudget(100, 3, 2)
+        # Every connection went back to the watched pool.
+        assert checks["pool:main:checked_out"][0]["observedValue"] == 0
+        assert checks["pool:main:checked_out"][0]["size"] == 33
+
+        assert client.get("/livez").json()["status"] == "pass"
+        assert client.get("/readyz").status_code == 200
+
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        lines = metrics.text.splitlines()
+        assert "guardrails_limit 33.0" in lines
+        assert "guardrails_in_flight 0.0" in lines
+        assert 'guardrails_pool_checked_out{pool="main"} 0.0' in lines
+        assert 'guardrails_breaker_state{state="closed"} 1.0' in lines
+
+
+def test_fastapi_example(examples: dict[str, Served]) -> None:
+    with _client(examples["fastapi_app"]) as client:
+        item = client.get("/api/items/7")
+        assert item.status_code == 200, item.text
+        assert item.json() == {"id": 7}
+
+        assert client.get("/api/items/0").status_code == 404  # the app's own answer
+
+        checkout = client.post("/api/items/7/checkout")
+        assert checkout.status_code == 200
+        assert checkout.json() == {"status": "ok"}
+
+        # FastAPI's own validation still answers through the middleware.
+        assert client.get("/api/items/seven").status_code == 422
+
+        report = client.get("/api/reports/monthly")
+        assert report.status_code == 200
+        assert report.json() == {"report": "monthly"}
+        assert client.get("/openapi.json").json()["openapi"].startswith("3.")
+
+        health = _health(client)
+        assert health["status"] == "pass"
+        checks = health["checks"]
+        assert isinstance(checks, dict)
+        assert checks["limiter:in_flight"][0]["limit"] == 16  # ConnectionBudget(100, 3, 4)
+        assert checks["pool:main:checked_out"][0]["observedValue"] == 0
+
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "guardrails_limit 16.0" in metrics.text.splitlines()
+
+
+def test_asyncpg_example(examples: dict[str, Served]) -> None:
+    with _client(examples["asyncpg_app"]) as client:
+        now = client.get("/now")
+        assert now.status_code == 200, now.text
+        assert now.json()["now"][:2] == "20"  # a timestamp from the server
+
+        health = _health(client)
+        assert health["status"] == "pass"
+        checks = health["checks"]
+        assert isinstance(checks, dict)
+        assert checks["limiter:in_flight"][0]["limit"] == 5
+        assert checks["pool:asyncpg:checked_out"][0]["observedValue"] == 0
+        assert checks["pool:asyncpg:checked_out"][0]["size"] == 5
