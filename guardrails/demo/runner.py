@@ -45,6 +45,7 @@ _SETTLE_TIMEOUT = 2.0
 _PROGRESS_INTERVAL = 0.2
 _PLAIN_PROGRESS_INTERVAL = 3.0
 _BAR_WIDTH = 24
+_LOG_TAIL_LINES = 25
 _POOL_TIMEOUT_LINE = "sqlalchemy.exc.TimeoutError"
 
 
@@ -220,6 +221,13 @@ async def _one_run(
     took = time.perf_counter() - started
     done = f"{heading}: {stats.sent:,} requests, done in {took:.1f} s"
     print(("\r\x1b[K" if tty else "") + done, file=out, flush=True)
+    if guarded and stats.server_errors:
+        # Guardrails should never let a 500 out here: show why, for whoever debugs it.
+        tail = "\n".join(log[-_LOG_TAIL_LINES:])
+        print(
+            f"{heading}: {stats.server_errors:,} answers were 500s; the server log ends:", file=out
+        )
+        print(tail, file=out)
     return stats, outcomes
 
 
