@@ -17,7 +17,16 @@ __all__ = ["CallContext", "current", "enter", "leave", "var"]
 class CallContext:
     """State of one request (or one guarded call outside any request)."""
 
-    __slots__ = ("checkouts", "deadline", "recorded", "route", "trial")
+    __slots__ = (
+        "checkouts",
+        "deadline",
+        "failure",
+        "pool_timeout",
+        "recorded",
+        "route",
+        "touched",
+        "trial",
+    )
 
     def __init__(self, route: str, deadline: float | None = None, trial: Any = None) -> None:
         self.route = route
@@ -28,6 +37,12 @@ class CallContext:
         """The breaker's half-open trial ticket this request holds, if any."""
         self.recorded = False
         """Whether a breaker outcome has been recorded for this request already."""
+        self.failure: BaseException | None = None
+        """The last exception recorded to the breaker for this request, so it counts once."""
+        self.pool_timeout: BaseException | None = None
+        """A pool timeout a watcher saw in this request that no one has recorded yet."""
+        self.touched = False
+        """Whether a watched pool handed this request a connection (it reached the database)."""
         self.checkouts: dict[int, Any] = {}
         """Connections checked out for this request and not yet returned, by key."""
 

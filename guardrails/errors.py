@@ -171,6 +171,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             todo.append(current.__cause__)
 
 
+def in_chain(exc: BaseException, target: BaseException) -> bool:
+    """Whether ``target`` is ``exc`` or one of the exceptions it wraps."""
+    return any(link is target for link in _chain(exc))
+
+
 def _builtin_kind(exc: BaseException) -> ErrorKind | None:
     if isinstance(exc, Unavailable):
         return ErrorKind.OUTAGE

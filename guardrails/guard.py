@@ -23,7 +23,14 @@ from guardrails import context
 from guardrails.breaker import Breaker, BreakerSettings, Trial
 from guardrails.budget import ConnectionBudget
 from guardrails.cache import ResponseStore
-from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
+from guardrails.errors import (
+    ErrorKind,
+    GuardrailsError,
+    ReadOnly,
+    Unavailable,
+    classify,
+    in_chain,
+)
 from guardrails.health import HealthEndpoint
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.policy import Policy, RouteResolver
@@ -297,11 +304,17 @@ class Guardrails:
                 try:
                     result = await call()
                 except BaseException as exc:
+                    pending = call_context.pool_timeout
+                    if pending is not None and in_chain(exc, pending):
+                        call_context.pool_timeout = None
                     breaker.record(trial, exc)
                     call_context.recorded = True
+                    call_context.failure = exc
                     self._note_failure(exc)
                     raise
-                breaker.record(trial)
+                # A pool timeout the function caught itself is still an outage.
+                pending, call_context.pool_timeout = call_context.pool_timeout, None
+                breaker.record(trial, pending)
                 call_context.recorded = True
                 return result
 
@@ -327,6 +340,8 @@ class Guardrails:
         finally:
             if token is not None:
                 context.leave(token)
+                if ctx.pool_timeout is not None:  # outside a request: no one else will
+                    self.breaker.record_outage(ctx.pool_timeout)
 
     def _classify(self, exc: BaseException) -> ErrorKind:
         return classify(exc, self.breaker.settings.classifiers)
@@ -350,8 +365,13 @@ class Guardrails:
 
     def pool_timeout(self, watcher: Any, exc: BaseException) -> None:
         """Called by pool watchers for each pool timeout they see."""
-        if context.current() is None:  # inside a request or guarded call, that records it
+        ctx = context.current()
+        if ctx is None:
             self.breaker.record_outage(exc)
+        else:
+            # The request or guarded call records it when it ends, once, even when the
+            # app catches the timeout and answers on its own.
+            ctx.pool_timeout = exc
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
         """Called by pool watchers for each leak suspect (they log it themselves)."""

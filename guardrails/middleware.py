@@ -18,9 +18,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrails import cache, context
-from guardrails.breaker import CLOSED
+from guardrails.breaker import CLOSED, Trial
 from guardrails.cache import CachedResponse, ResponseStore
-from guardrails.errors import ErrorKind, Shed, Unavailable
+from guardrails.errors import ErrorKind, GuardrailsError, Shed, Unavailable, in_chain
 from guardrails.guard import ErrorResponseFactory, Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.policy import OnUnavailable, Policy, ResolvedRoute
@@ -138,6 +138,9 @@ class _Responder(context.CallContext):
         self.deadline = deadline
         self.trial = trial
         self.recorded = False
+        self.failure = None
+        self.pool_timeout = None
+        self.touched = False
         self.checkouts = {}
 
     async def __call__(self, message: Message) -> None:
@@ -307,13 +310,7 @@ class GuardrailsMiddleware:
                     retry_after = limiter.retry_after
                     await self._refuse(scope, send, route, "timeout", "timeout", retry_after, plan)
         except Exception as exc:
-            kind: ErrorKind | None
-            if ctx.recorded:
-                kind = guard._classify(exc)
-            else:
-                kind = breaker.record(trial, exc)
-                guard._note_failure(exc)
-            ctx.recorded = True
+            kind = self._settle(ctx, trial, exc)
             if responder.started or kind is not ErrorKind.OUTAGE:
                 raise
             # The database failed before the response started: a 503 the client can act
@@ -335,13 +332,59 @@ class GuardrailsMiddleware:
             breaker.release(trial)
             raise
         else:
-            if not ctx.recorded and (trial is not None or breaker.counting):
-                breaker.record(trial)
+            if ctx.pool_timeout is not None or (
+                not ctx.recorded and (trial is not None or breaker.counting)
+            ):
+                self._settle(ctx, trial, None)
         finally:
             responder.release()
             context.var.reset(token)
             if ctx.checkouts:
                 guard._request_finished(ctx)
+
+    def _settle(
+        self, ctx: context.CallContext, trial: Trial | None, exc: Exception | None
+    ) -> ErrorKind | None:
+        """Tell the breaker what this request proved about the database, each failure once.
+
+        Returns the kind of ``exc``. A failure a guarded call already recorded is not
+        counted again; a pool timeout the app caught and answered itself still counts.
+        With a watched pool, a request that never got a connection (a 404, a handler
+        that failed before its query) proves nothing: it neither closes a half-open
+        breaker nor resets the failure count, and its trial goes back undecided.
+        """
+        guard = self.guard
+        breaker = guard.breaker
+        live = trial if trial is not None and not trial.done else None
+        pending, ctx.pool_timeout = ctx.pool_timeout, None
+        proves = ctx.touched or not guard._watchers
+        kind = None
+        if exc is not None:
+            kind = guard._classify(exc)
+            failure = ctx.failure
+            counted = (failure is not None and in_chain(exc, failure)) or (
+                ctx.recorded and isinstance(exc, GuardrailsError)
+            )
+            if not counted:
+                if pending is not None and in_chain(exc, pending):
+                    pending = None
+                if kind is ErrorKind.OUTAGE or proves:
+                    breaker.record(live, exc)
+                    live = None
+                guard._note_failure(exc)
+                ctx.failure = exc
+        if pending is not None:
+            if live is not None:
+                breaker.record(live, pending)
+                live = None
+            else:
+                breaker.record_outage(pending)
+        elif exc is None and not ctx.recorded and proves:
+            breaker.record(live)
+            live = None
+        breaker.release(live)
+        ctx.recorded = True
+        return kind
 
     def _cache_plan(self, scope: Scope, policy: Policy, store: ResponseStore) -> _CachePlan | None:
         user_key = None

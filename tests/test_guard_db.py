@@ -394,3 +394,97 @@ async def test_read_retries_stop_at_the_request_deadline(
     assert response.json()["error"] in ("unavailable", "timeout")
     assert took < 0.5 + 0.2
     assert 2 <= attempts < 50
+
+
+def breaker_app(guard: gr.Guardrails, engine: AsyncEngine) -> Starlette:
+    """Routes that reach the database in different ways, behind the middleware."""
+
+    @guard.read
+    async def read_one() -> int:
+        return await select_one(engine)
+
+    async def rows(request: Request) -> Response:
+        return PlainTextResponse(str(await select_one(engine)))
+
+    async def guarded_then_raw(request: Request) -> Response:
+        # A guarded read succeeds; then, holding the pool's only connection, a raw
+        # query asks for a second one and times out.
+        await read_one()
+        async with engine.connect():
+            return PlainTextResponse(str(await select_one(engine)))
+
+    async def handles_its_own(request: Request) -> Response:
+        try:
+            return PlainTextResponse(str(await select_one(engine)))
+        except sqlalchemy.exc.TimeoutError:
+            return PlainTextResponse("sorry", status_code=500)
+
+    async def no_database(request: Request) -> Response:
+        return PlainTextResponse("static")
+
+    return Starlette(
+        routes=[
+            Route("/rows", rows),
+            Route("/guarded-then-raw", guarded_then_raw),
+            Route("/handles-its-own", handles_its_own),
+            Route("/static", no_database),
+        ],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+
+
+async def test_a_request_that_never_reached_the_database_cannot_close_the_breaker(
+    async_engine_factory: EngineFactory,
+) -> None:
+    engine = async_engine_factory(pool_size=1, max_overflow=0, pool_timeout=0.1)
+    guard = gr.Guardrails(concurrency=4, breaker=gr.BreakerSettings(fail_max=2, reset_timeout=0.2))
+    guard.watch_pool(engine)
+    app = breaker_app(guard, engine)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        async with pool_held(engine, 0.6):
+            assert [(await client.get("/rows")).status_code for _ in range(2)] == [503, 503]
+        assert guard.breaker.state == "open"
+        await anyio.sleep(0.25)
+        # A 404 and a page that needs no connection take the trial and give it back.
+        assert (await client.get("/favicon.ico")).status_code == 404
+        assert (await client.get("/static")).status_code == 200
+        assert guard.breaker.state == "half_open"
+        assert guard.snapshot()["breaker"]["transitions"] == 2  # opened, then half-open
+        # A request that really gets a connection is the trial that closes it.
+        assert (await client.get("/rows")).status_code == 200
+        assert guard.breaker.state == "closed"
+    assert guard.limiter.in_flight == 0
+
+
+async def test_outages_inside_a_request_count_once_each_even_when_the_app_handles_them(
+    async_engine_factory: EngineFactory,
+) -> None:
+    engine = async_engine_factory(pool_size=1, max_overflow=0, pool_timeout=0.1)
+    guard = gr.Guardrails(
+        concurrency=4,
+        breaker=gr.BreakerSettings(fail_max=4, reset_timeout=30),
+        retry=gr.RetrySettings(attempts=1),
+    )
+    guard.watch_pool(engine)
+    app = breaker_app(guard, engine)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        # A guarded read succeeds, then a raw query finds the pool exhausted: the read's
+        # success does not hide the outage, and the outage counts once, not twice. (The
+        # read's success proves the database answered: consecutive failures restart.)
+        for _ in range(2):
+            assert (await client.get("/guarded-then-raw")).status_code == 503
+            assert guard.snapshot()["breaker"]["failures"] == 1
+        async with pool_held(engine, 1.0):
+            # The app catches the pool timeout and answers itself: still an outage.
+            own = [await client.get("/handles-its-own") for _ in range(2)]
+            assert [a.text for a in own] == ["sorry", "sorry"]
+            assert guard.snapshot()["breaker"]["failures"] == 3
+            raw = await client.get("/rows")
+        assert raw.status_code == 503
+        assert guard.breaker.state == "open"
+        assert guard.snapshot()["pools"][0]["timeouts_total"] == 5
+    assert guard.limiter.in_flight == 0

@@ -311,6 +311,7 @@ class PoolWatcher:
             suspects = self._overdue(now)
         if call is not None:
             call.checkouts[id(record)] = record
+            call.touched = True
         if suspects:
             self._report(suspects)
 
