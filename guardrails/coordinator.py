@@ -360,6 +360,7 @@ class RedisCoordinator:
             "kind": "redis",
             "redis": _where(self.url),
             "name": self.name,
+            "process": self.process_id,
             "mode": mode,
             "connected": self._connected,
             "budget": self.budget,

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
-from collections.abc import AsyncIterator, Callable
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
+import asyncpg
+import httpx
 import pytest
-from pgcluster import free_port
+from pgcluster import PostgresServer, free_port
+from redis.asyncio import Redis
 from redisserver import RedisServer
 
 import guardrails as gr
@@ -245,3 +255,345 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         await wait_until(lambda: all(g.breaker.state == "closed" for g in guards), within=1)
         half_open = [g.telemetry.breaker_transitions.get("half_open", 0) for g in guards]
         assert sum(half_open) == 1  # one trial for the fleet, not one per process
+
+
+# -- a fleet of real servers on a real PostgreSQL with few connections -------------------
+
+MAX_CONNECTIONS = 12
+BUDGET = 5
+PER_PROCESS = 1
+CONCURRENCY = 6
+SERVERS = 3
+APP = Path(__file__).with_name("coordinator_app.py")
+
+
+class Server:
+    """One uvicorn process running tests/coordinator_app.py on a loopback port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: a server logging more than a pipe holds would block.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"{APP.stem}:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=APP.parent,
+            env={**os.environ, **env, "PYTHONPATH": str(APP.parent.parent)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def stats(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        reply = await client.get(f"{self.url}/stats")
+        reply.raise_for_status()
+        result: dict[str, Any] = reply.json()
+        return result
+
+    async def ready(self, client: httpx.AsyncClient) -> None:
+        with anyio.fail_after(30):
+            while True:
+                if self.process.poll() is not None:
+                    self.log.seek(0)
+                    raise RuntimeError(f"server exited: {self.log.read()[-2000:]!r}")
+                try:
+                    await self.stats(client)
+                    return
+                except httpx.TransportError:
+                    await anyio.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def server_env(
+    db: PostgresServer, app_name: str, redis: RedisServer | None, name: str
+) -> dict[str, str]:
+    env = {
+        "GR_DSN": db.dsn("asyncpg"),
+        "GR_APP_NAME": app_name,
+        "GR_CONCURRENCY": str(CONCURRENCY),
+        "GR_SLEEP": "0.1",
+        "GR_REFUSING_PORT": str(free_port()),
+    }
+    if redis is not None:
+        env |= {
+            "GR_REDIS": redis.url,
+            "GR_BUDGET": str(BUDGET),
+            "GR_PER_PROCESS": str(PER_PROCESS),
+            "GR_NAME": name,
+        }
+    return env
+
+
+@asynccontextmanager
+async def servers(envs: list[dict[str, str]]) -> AsyncIterator[list[Server]]:
+    started = [Server(env) for env in envs]
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for server in started:
+                await server.ready(client)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def storm_db(pg_cluster_factory: Callable[..., PostgresServer]) -> Iterator[PostgresServer]:
+    """A PostgreSQL that takes 12 connections: three pools of 6 cannot all fit."""
+    server = pg_cluster_factory(max_connections=MAX_CONNECTIONS)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def fleet_redis(redis_factory: Callable[[], RedisServer]) -> RedisServer:
+    return redis_factory()
+
+
+@pytest.fixture(scope="module")
+async def coordinated(
+    storm_db: PostgresServer, fleet_redis: RedisServer
+) -> AsyncIterator[list[Server]]:
+    """Three servers sharing a budget of 5 through Redis (their own pools hold up to 6)."""
+    name = unique("fleet")
+    envs = [server_env(storm_db, f"gr-fleet-{i}", fleet_redis, name) for i in range(SERVERS)]
+    async with servers(envs) as started:
+        yield started
+
+
+class Monitor:
+    """Samples pg_stat_activity: queries running and connections open, from the fleet."""
+
+    def __init__(self, db: PostgresServer) -> None:
+        self.db = db
+        self.peak_active = 0
+        self.peak_open = 0
+        self.samples = 0
+
+    async def run(self, stop: anyio.Event) -> None:
+        conn = await asyncpg.connect(self.db.dsn())
+        try:
+            while not stop.is_set():
+                row = await conn.fetchrow(
+                    "SELECT count(*) FILTER (WHERE state = 'active') AS active, count(*) AS open"
+                    " FROM pg_stat_activity WHERE application_name LIKE 'gr-%'"
+                    " AND pid <> pg_backend_pid()"
+                )
+                assert row is not None
+                self.peak_active = max(self.peak_active, row["active"])
+                self.peak_open = max(self.peak_open, row["open"])
+                self.samples += 1
+                await anyio.sleep(0.005)
+        finally:
+            await conn.close()
+
+
+async def burst(fleet: list[Server], per_server: int) -> list[httpx.Response]:
+    """``per_server`` requests sent at once to each server."""
+    limits = httpx.Limits(max_connections=len(fleet) * per_server)
+    async with httpx.AsyncClient(timeout=20, limits=limits) as client:
+        return list(
+            await asyncio.gather(
+                *(client.get(f"{s.url}/query") for s in fleet for _ in range(per_server))
+            )
+        )
+
+
+async def totals(fleet: list[Server]) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        stats = [await s.stats(client) for s in fleet]
+    return {key: sum(s["counts"][key] for s in stats) for key in ("ok", "too_many", "errors")}
+
+
+def shed_only(replies: list[httpx.Response]) -> bool:
+    """Every reply a 200 or a 503 the guard gave for overload (a shed), nothing else."""
+    return all(
+        r.status_code == 200 or (r.status_code == 503 and r.json()["error"] == "overloaded")
+        for r in replies
+    )
+
+
+async def test_storm_without_a_coordinator_overruns_the_database(
+    storm_db: PostgresServer,
+) -> None:
+    envs = [server_env(storm_db, f"gr-alone-{i}", None, "") for i in range(SERVERS)]
+    async with servers(envs) as fleet:
+        before = await totals(fleet)
+        await burst(fleet, 18)
+        after = await totals(fleet)
+    too_many = after["too_many"] - before["too_many"]
+    print(f"\nwithout coordinator: {too_many} 'too many connections' errors")
+    assert too_many > 0
+
+
+async def test_storm_with_the_coordinator_stays_inside_the_budget(
+    storm_db: PostgresServer, coordinated: list[Server]
+) -> None:
+    monitor = Monitor(storm_db)
+    stop = anyio.Event()
+    before = await totals(coordinated)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor.run, stop)
+        replies = await burst(coordinated, 18)
+        stop.set()
+    after = await totals(coordinated)
+    ok = sum(r.status_code == 200 for r in replies)
+    print(
+        f"\nwith coordinator: {ok}/{len(replies)} ok, peak {monitor.peak_active} queries "
+        f"running and {monitor.peak_open} connections open (budget {BUDGET}, "
+        f"{monitor.samples} samples)"
+    )
+    assert after["too_many"] == before["too_many"]
+    assert after["errors"] == before["errors"]
+    assert shed_only(replies)
+    assert after["ok"] - before["ok"] == ok > 0
+    assert monitor.samples > 10
+    assert 0 < monitor.peak_active <= BUDGET
+    # One idle connection per process is kept by its pool on top of the running ones.
+    assert monitor.peak_open <= BUDGET + SERVERS
+
+
+async def test_redis_stopped_mid_load_sheds_no_more_than_usual_and_rejoins(
+    storm_db: PostgresServer, fleet_redis: RedisServer, coordinated: list[Server]
+) -> None:
+    replies: list[httpx.Response] = []
+    phase = ""
+    limits_seen: dict[str, set[int]] = {"down": set()}
+    before = await totals(coordinated)
+
+    async def user(client: httpx.AsyncClient, server: Server) -> None:
+        while phase != "done":
+            replies.append(await client.get(f"{server.url}/query"))
+
+    async def connected(client: httpx.AsyncClient) -> bool:
+        stats = [await s.stats(client) for s in coordinated]
+        return all(s["coordinator"]["connected"] for s in stats)
+
+    async with httpx.AsyncClient(timeout=20) as client, anyio.create_task_group() as tg:
+        phase = "up"
+        for server in coordinated:
+            for _ in range(4):
+                tg.start_soon(user, client, server)
+        await anyio.sleep(0.5)
+        fleet_redis.stop()
+        phase = "down"
+        await anyio.sleep(1.0)
+        for server in coordinated:
+            stats = await server.stats(client)
+            assert stats["coordinator"]["connected"] is False
+            limits_seen["down"].add(stats["limiter"]["limit"])
+        fleet_redis.start()
+        with anyio.fail_after(5):
+            while not await connected(client):
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+        phase = "done"
+    after = await totals(coordinated)
+    assert limits_seen["down"] == {PER_PROCESS}
+    assert shed_only(replies), {r.status_code for r in replies}
+    assert after["too_many"] == before["too_many"]
+    assert after["errors"] == before["errors"]
+    assert sum(r.status_code == 200 for r in replies) > 10
+
+
+async def test_an_open_breaker_reaches_every_server_within_a_second(
+    coordinated: list[Server],
+) -> None:
+    first, *others = coordinated
+    async with httpx.AsyncClient(timeout=10) as client:
+        before = [await s.stats(client) for s in coordinated]
+        assert (await client.get(f"{first.url}/down")).status_code == 503
+        opened = anyio.current_time()
+        with anyio.fail_after(1.0):
+            while True:
+                states = [(await s.stats(client))["breaker"]["state"] for s in others]
+                if all(state == "open" for state in states):
+                    break
+        seen = anyio.current_time() - opened
+        refused = await client.get(f"{others[0].url}/query")
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "unavailable"
+        # After the open period one server makes the trial; it succeeds and all close.
+        with anyio.fail_after(5):
+            while True:
+                await asyncio.gather(*(client.get(f"{s.url}/query") for s in coordinated))
+                after = [await s.stats(client) for s in coordinated]
+                if all(s["breaker"]["state"] == "closed" for s in after):
+                    break
+                await anyio.sleep(0.05)
+    print(f"\nbreaker open in the other servers {seen * 1000:.0f} ms after the first opened")
+    trials = sum(
+        a["transitions"].get("half_open", 0) - b["transitions"].get("half_open", 0)
+        for a, b in zip(after, before, strict=True)
+    )
+    assert trials == 1
+
+
+async def test_a_killed_worker_gives_its_slots_back_within_the_lease_ttl(
+    storm_db: PostgresServer, fleet_redis: RedisServer, coordinated: list[Server]
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        name = (await coordinated[0].stats(client))["coordinator"]["name"]
+    env = server_env(storm_db, "gr-victim", fleet_redis, name)
+    env["GR_SLEEP"] = "5"  # its requests hold their slots until it dies
+    async with servers([env]) as (victim,), httpx.AsyncClient(timeout=30) as client:
+        load = [asyncio.create_task(client.get(f"{victim.url}/query")) for _ in range(CONCURRENCY)]
+        with anyio.fail_after(5):
+            while (await victim.stats(client))["limiter"]["in_flight"] < 3:
+                await anyio.sleep(0.05)
+        process = (await victim.stats(client))["coordinator"]["process"]
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
+        killed = anyio.current_time()
+        for task in load:
+            task.cancel()
+        await asyncio.gather(*load, return_exceptions=True)
+        raw = Redis.from_url(fleet_redis.url)
+        try:
+            # The survivors' renewals drop the dead lease once it has expired.
+            with anyio.fail_after(5):
+                while True:
+                    held = await raw.hgetall(f"guardrails:{{{name}}}:held")
+                    if process.encode() not in held:
+                        break
+                    await anyio.sleep(0.02)
+        finally:
+            await raw.aclose()
+        returned = anyio.current_time() - killed
+        # And a survivor under steady load can now lease the whole budget.
+        first = coordinated[0]
+        done = False
+
+        async def user() -> None:
+            while not done:
+                await client.get(f"{first.url}/query")
+
+        users = [asyncio.create_task(user()) for _ in range(CONCURRENCY + 2)]
+        try:
+            with anyio.fail_after(5):
+                while ((await first.stats(client))["coordinator"]["held"] or 0) < BUDGET:
+                    await anyio.sleep(0.02)
+        finally:
+            done = True
+            await asyncio.gather(*users)
+    print(f"\nkilled worker's slots back after {returned * 1000:.0f} ms (lease ttl {TTL} s)")
+    assert returned <= TTL + 0.5
