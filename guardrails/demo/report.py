@@ -40,9 +40,9 @@ def _server_errors(s: RunStats) -> str:
 
 
 def _job(s: RunStats) -> str:
-    if s.job_runs is None or s.job_failed is None:
+    if s.job_ok is None or s.job_failed is None:
         return "-"
-    return f"{s.job_runs - s.job_failed:,} / {s.job_failed:,}"
+    return f"{s.job_ok:,} / {s.job_failed:,}"
 
 
 _ROWS: list[tuple[str, Callable[[RunStats], str]]] = [

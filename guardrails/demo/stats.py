@@ -73,6 +73,8 @@ class RunStats:
     """Stale answers the guard counted itself (guarded run); should equal ``stale``."""
     job_runs: int | None = None
     """Rounds the app's background job started during the run."""
+    job_ok: int | None = None
+    """Rounds of the background job that finished."""
     job_failed: int | None = None
     """Rounds of the background job that failed (pool timeout, shed, unavailable...)."""
     job_max_ms: float | None = None
@@ -188,6 +190,7 @@ def summarize(
         breaker_transitions=_reasons(telemetry.get("breaker_transitions")) if guarded else None,
         stale_served=_stale_served(telemetry) if guarded else None,
         job_runs=_int_or_none(job.get("runs")) if job is not None else None,
+        job_ok=_int_or_none(job.get("ok")) if job is not None else None,
         job_failed=_failed(job.get("failed")) if job is not None else None,
         job_max_ms=_float_or_none(job.get("max_ms")) if job is not None else None,
         duration=duration,
