@@ -31,7 +31,7 @@ from guardrails.errors import (
     classify,
     in_chain,
 )
-from guardrails.health import HealthEndpoint
+from guardrails.health import FAIL_CONDITIONS, HealthEndpoint
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.policy import Policy, RouteResolver
 from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
@@ -200,6 +200,7 @@ class Guardrails:
         self.samples: deque[Sample] = deque(maxlen=_SAMPLES_KEPT)
         """Once-a-second samples of the counters (the last ten minutes), for triage."""
         self.diagnosis: Diagnosis = NO_TROUBLE
+        self._warned: frozenset[str] = frozenset()
         self._sampling = False
         self._sampler: asyncio.Task[None] | None = None
         self._coordinator_task: asyncio.Task[None] | None = None
@@ -374,7 +375,14 @@ class Guardrails:
             ctx.pool_timeout = exc
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
-        """Called by pool watchers for each leak suspect (they log it themselves)."""
+        """Called by pool watchers for each leak suspect: logged and sent to every sink."""
+        self.telemetry.event(
+            "leak_suspect",
+            key=f"{info.pool}:{info.route}",
+            level=logging.WARNING,
+            message=info.describe(),
+            **info.as_dict(),
+        )
 
     def _request_finished(self, ctx: context.CallContext) -> None:
         if ctx.checkouts:
@@ -442,6 +450,17 @@ class Guardrails:
             retry_remaining=self.retry_budget.remaining(),
         )
         self.samples.append(sample)
+        warned = frozenset(warning.check for warning in self.warnings())
+        if warned != self._warned:
+            self.telemetry.event(
+                "early_warning",
+                transition=True,
+                checks=sorted(warned),
+                was=sorted(self._warned),
+                level=logging.WARNING if warned - self._warned else logging.INFO,
+                message="early warning: " + (", ".join(sorted(warned)) or "all clear"),
+            )
+            self._warned = warned
         diagnosis = diagnose(self.samples, self.early_warning.triage_window)
         if diagnosis.kind != self.diagnosis.kind:
             self.telemetry.event(
@@ -484,12 +503,21 @@ class Guardrails:
         breaker = self.breaker.snapshot()
         warnings = self.warnings()
         diagnosis = self.diagnosis
-        if breaker["state"] == "open":
+        snapshot: dict[str, Any] = {
+            "limiter": limiter,
+            "breaker": breaker,
+            "read_only": {
+                "enabled": self.read_only,
+                "reason": self._read_only_reason,
+                "automatic": not self._read_only and self.read_only,
+            },
+        }
+        if any(FAIL_CONDITIONS[name](snapshot) for name in self.health.fail_on):
             status = "fail"
         elif (
             self.read_only
             or limiter["queued"]
-            or breaker["state"] == "half_open"
+            or breaker["state"] != "closed"
             or warnings
             or diagnosis.kind != "none"
         ):
@@ -498,14 +526,8 @@ class Guardrails:
             status = "pass"
         return {
             "status": status,
-            "limiter": limiter,
-            "breaker": breaker,
+            **snapshot,
             "retry": self.retry_budget.snapshot(),
-            "read_only": {
-                "enabled": self.read_only,
-                "reason": self._read_only_reason,
-                "automatic": not self._read_only and self.read_only,
-            },
             "cache": self.cache.snapshot() if self.cache is not None else None,
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "pools": [watcher.snapshot() for watcher in self._watchers],

@@ -171,6 +171,13 @@ class LeakSuspect:
         """The suspect as plain data (what :meth:`PoolWatcher.snapshot` lists)."""
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for the log: which pool, how long, which route, where it was taken."""
+        return (
+            f"leak suspect in pool {self.pool}: connection {self.reason} "
+            f"({self.held_seconds:.1f} s) for route {self.route}, taken at {self.where}"
+        )
+
 
 class PoolSink(Protocol):
     """Where a :class:`PoolWatcher` reports what needs action (the guard is one).
@@ -370,20 +377,19 @@ class PoolWatcher:
 
     def _report(self, suspects: list[LeakSuspect]) -> None:
         for suspect in suspects:
-            logger.warning(
-                "leak suspect in pool %s: connection %s (%.1f s) for route %s, taken at %s",
-                suspect.pool,
-                suspect.reason,
-                suspect.held_seconds,
-                suspect.route,
-                suspect.where,
-                extra={"guardrails_event": "leak_suspect", **suspect.as_dict()},
-            )
-            if self.sink is not None:
-                try:
-                    self.sink.leak_suspect(self, suspect)
-                except Exception:
-                    logger.exception("pool sink failed on a leak suspect of %s", self.name)
+            sink = self.sink
+            if sink is None:
+                logger.warning(
+                    "%s",
+                    suspect.describe(),
+                    extra={"guardrails_event": "leak_suspect", **suspect.as_dict()},
+                )
+                continue
+            # The guard's telemetry logs it (rate-limited per route) and tells its sinks.
+            try:
+                sink.leak_suspect(self, suspect)
+            except Exception:
+                logger.exception("pool sink failed on a leak suspect of %s", self.name)
 
     def _unreturned(self, record: _Checkout) -> None:
         now = time.monotonic()
