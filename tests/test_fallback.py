@@ -109,7 +109,15 @@ async def test_stale_while_the_database_is_down_read_only_writes_and_recovery(
 def build_app(guard: gr.Guardrails) -> Starlette:
     async def page(request: Request) -> Response:
         who = request.headers.get("authorization") or request.cookies.get("session")
-        return JSONResponse({"for": who, "path": request.url.path})
+        return JSONResponse(
+            {
+                "for": who,
+                "path": request.url.path,
+                "host": request.headers.get("host"),
+                "lang": request.headers.get("accept-language"),
+            },
+            headers={"vary": "Accept-Language"},
+        )
 
     async def set_cookie(request: Request) -> Response:
         response = JSONResponse({"for": None})
@@ -130,21 +138,28 @@ def build_app(guard: gr.Guardrails) -> Starlette:
     async def shared(request: Request) -> Response:
         return await page(request)
 
+    @gr.policy(cache_ttl=60, stale_ttl=60, cache_key=user_key)
+    async def fresh(request: Request) -> Response:
+        return await page(request)
+
     routes = [
         Route("/mine/{n}", mine),
         Route("/shared/{n}", shared),
+        Route("/fresh/{n}", fresh),
         Route("/cookie", gr.policy(stale_ttl=60)(set_cookie)),
         Route("/private", gr.policy(stale_ttl=60)(private)),
     ]
     return Starlette(routes=routes, middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)])
 
 
-USERS = st.sampled_from([None, "alice", "bob", "carol"])
+Ask = tuple[str, str | None, str, str, str | None]
 REQUESTS = st.lists(
     st.tuples(
-        st.sampled_from(["/mine/1", "/mine/2", "/shared/1", "/shared/2"]),
-        USERS,
+        st.sampled_from(["/mine/1", "/mine/2", "/shared/1", "/shared/2", "/fresh/1", "/fresh/2"]),
+        st.sampled_from([None, "alice", "bob", "carol"]),
         st.sampled_from(["authorization", "cookie"]),
+        st.sampled_from(["a.example", "b.example"]),
+        st.sampled_from([None, "en", "fr"]),
     ),
     min_size=1,
     max_size=12,
@@ -154,28 +169,42 @@ REQUESTS = st.lists(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(warm=REQUESTS, probe=REQUESTS)
 def test_no_cached_response_ever_reaches_a_user_it_was_not_made_for(
-    warm: list[tuple[str, str | None, str]], probe: list[tuple[str, str | None, str]]
+    warm: list[Ask], probe: list[Ask]
 ) -> None:
-    def headers(user: str | None, how: str) -> dict[str, str]:
-        if user is None:
-            return {}
-        return {"authorization": user} if how == "authorization" else {"cookie": f"session={user}"}
+    """Users, hosts and Vary'd headers at random, served live, from fresh hits and stale."""
+
+    def headers(user: str | None, how: str, host: str, lang: str | None) -> dict[str, str]:
+        sent = {"host": host}
+        if lang is not None:
+            sent["accept-language"] = lang
+        if user is not None:
+            sent.update(
+                {"authorization": user} if how == "authorization" else {"cookie": f"session={user}"}
+            )
+        return sent
+
+    def check(
+        response: httpx.Response, path: str, user: str | None, host: str, lang: str | None
+    ) -> None:
+        assert response.json() == {"for": user, "path": path, "host": host, "lang": lang}
+        if response.headers.get("x-guardrails") and path.startswith("/shared/"):
+            assert user is None  # credentials without cache_key: never stored
 
     async def scenario() -> None:
         guard = gr.Guardrails(concurrency=4, cache=MemoryCache(max_entries=50))
         async with client_for(build_app(guard)) as client:
-            for path, user, how in warm:  # healthy: responses are made and maybe stored
-                await client.get(path, headers=headers(user, how))
+            for path, user, how, host, lang in warm:  # healthy: live answers or fresh hits
+                response = await client.get(path, headers=headers(user, how, host, lang))
+                assert response.status_code == 200
+                assert response.headers.get("x-guardrails") in (None, "hit")
+                check(response, path, user, host, lang)
             open_breaker(guard)  # from now on only stored responses can answer
-            for path, user, how in probe:
-                response = await client.get(path, headers=headers(user, how))
+            for path, user, how, host, lang in probe:
+                response = await client.get(path, headers=headers(user, how, host, lang))
                 if response.status_code == 503:
                     continue
-                assert response.headers["x-guardrails"] == "stale"
-                body = response.json()
-                assert body == {"for": user, "path": path}
-                if path.startswith("/shared/"):
-                    assert user is None  # credentials without cache_key: never stored
+                assert response.headers["x-guardrails"] in ("stale", "hit")
+                check(response, path, user, host, lang)
 
     anyio.run(scenario)
 
@@ -325,3 +354,84 @@ async def test_low_priority_is_shed_before_normal_under_load() -> None:
     assert normal_ok > report_ok
     assert statuses["/report"].count(503) > statuses["/normal"].count(503)
     assert guard.limiter.in_flight == 0
+
+
+def fallback_app(guard: gr.Guardrails, release: anyio.Event) -> Starlette:
+    served = 0
+
+    async def answer(request: Request) -> Response:
+        nonlocal served
+        served += 1
+        if request.headers.get("x-wait"):  # not part of the cache key
+            await release.wait()
+        return JSONResponse({"served": served})
+
+    routes = [Route(path, answer) for path in FALLBACK_POLICIES]
+    return Starlette(routes=routes, middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)])
+
+
+FALLBACK_POLICIES = {
+    "/stale": gr.Policy(stale_ttl=0.5),
+    "/strict": gr.Policy(stale_ttl=60, on_unavailable="reject"),
+    "/slow": gr.Policy(stale_ttl=60, timeout=0.2),
+}
+
+
+async def test_a_shed_request_gets_the_stale_page_until_stale_ttl_passes() -> None:
+    guard = gr.Guardrails(
+        concurrency=1, max_queue=0, cache=MemoryCache(), policies=FALLBACK_POLICIES
+    )
+    release = anyio.Event()
+    async with client_for(fallback_app(guard, release)) as client:
+        assert (await client.get("/stale")).json() == {"served": 1}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: client.get("/stale", headers={"x-wait": "1"})
+            )  # takes the only slot, holds it
+            with anyio.fail_after(5):
+                while guard.limiter.in_flight < 1:
+                    await anyio.sleep(0.01)
+            shed = await client.get("/stale")
+            await anyio.sleep(0.6)  # past stale_ttl
+            too_old = await client.get("/stale")
+            release.set()
+    assert shed.status_code == 200
+    assert shed.json() == {"served": 1}
+    assert shed.headers["x-guardrails"] == "stale"
+    assert too_old.status_code == 503
+    assert too_old.json()["error"] == "overloaded"
+    assert guard.limiter.in_flight == 0
+    fallbacks = guard.snapshot()["telemetry"]["fallbacks"]
+    assert {"kind": "stale", "route": "/stale", "count": 1} in fallbacks
+    assert {"kind": "rejected", "route": "/stale", "count": 1} in fallbacks
+
+
+async def test_on_unavailable_reject_never_serves_stale() -> None:
+    guard = gr.Guardrails(concurrency=2, cache=MemoryCache(), policies=FALLBACK_POLICIES)
+    async with client_for(fallback_app(guard, anyio.Event())) as client:
+        assert (await client.get("/strict")).status_code == 200
+        open_breaker(guard)
+        refused = await client.get("/strict")
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "unavailable"
+    assert "x-guardrails" not in refused.headers
+
+
+async def test_a_request_past_its_deadline_gets_the_stale_page() -> None:
+    guard = gr.Guardrails(concurrency=2, cache=MemoryCache(), policies=FALLBACK_POLICIES)
+    release = anyio.Event()
+    async with client_for(fallback_app(guard, release)) as client:
+        assert (await client.get("/slow")).json() == {"served": 1}
+        started = anyio.current_time()
+        late = await client.get(
+            "/slow", headers={"x-wait": "1"}
+        )  # never released: the deadline answers
+        took = anyio.current_time() - started
+    assert late.status_code == 200
+    assert late.json() == {"served": 1}
+    assert late.headers["x-guardrails"] == "stale"
+    assert took < 2  # answered at the deadline, not when the handler would finish
+    assert guard.limiter.in_flight == 0
+    assert {"reason": "timeout", "route": "/slow", "count": 1} in guard.snapshot()["telemetry"][
+        "shed"
+    ]

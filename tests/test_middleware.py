@@ -371,6 +371,7 @@ def test_precedence_decorator_then_most_specific_pattern_then_default() -> None:
             "/reports/{path:path}": gr.Policy(priority="low"),
             "/reports/daily": gr.Policy(timeout=3),
             "POST /orders/{id:int}": gr.Policy(needs_db=True, timeout=1),
+            "/archive/{path:path}": gr.Policy(priority="low"),
         },
     )
 
@@ -383,6 +384,7 @@ def test_precedence_decorator_then_most_specific_pattern_then_default() -> None:
             Route("/reports/daily", ok),
             Route("/reports/{name}", ok),
             Route("/reports/special", decorated),
+            Route("/archive/{year}/reports/{name}", decorated),
             Route("/orders/{order_id:int}", ok, methods=["GET", "POST"]),
             Route("/other", ok),
         ]
@@ -397,6 +399,11 @@ def test_precedence_decorator_then_most_specific_pattern_then_default() -> None:
     assert resolve("GET", "/reports/weekly") == ("/reports/{name}", gr.Policy(priority="low"))
     # "/reports/{name}" is listed first, so the router sends /reports/special there too.
     assert resolve("GET", "/reports/special")[0] == "/reports/{name}"
+    # The decorator wins over a pattern that matches the same path.
+    assert resolve("GET", "/archive/2020/reports/q1") == (
+        "/archive/{year}/reports/{name}",
+        gr.Policy(exempt=True),
+    )
     assert resolve("POST", "/orders/7")[1].timeout == 1
     assert resolve("GET", "/orders/7")[1] is default
     assert resolve("GET", "/other")[1] is default
