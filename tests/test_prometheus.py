@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -84,3 +88,61 @@ async def test_counters_after_admits_queues_sheds_and_an_open_breaker() -> None:
     # No raw paths in any label: only templates.
     assert "/items/10" not in after.text
     assert samples(during.text)[("guardrails_in_flight", base)] == 2
+
+
+async def test_pool_retry_and_fallback_metrics_on_a_real_pool(
+    async_engine_factory: Callable[..., AsyncEngine],
+) -> None:
+    engine = async_engine_factory(pool_size=1, max_overflow=0, pool_timeout=0.1)
+    guard = gr.Guardrails(
+        concurrency=4,
+        leak_threshold=0.2,
+        breaker=gr.BreakerSettings(fail_max=3, reset_timeout=30),
+        retry=gr.RetrySettings(attempts=2, base_delay=0.001, max_delay=0.002),
+        cache=gr.MemoryCache(),
+    )
+    guard.watch_pool(engine, name="main")
+    registry = CollectorRegistry()
+    registry.register(GuardrailsCollector(guard))
+
+    @guard.read
+    async def count_rows() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(text("SELECT 1"))).scalar_one())
+
+    @gr.policy(stale_ttl=60)
+    async def dashboard(request: Request) -> Response:
+        return PlainTextResponse(str(await count_rows()))
+
+    app = Starlette(
+        routes=[Route("/dashboard", dashboard), Route("/metrics", metrics_endpoint(registry))],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        assert (await client.get("/dashboard")).status_code == 200
+        async with engine.connect() as held:  # held past leak_threshold: a leak suspect
+            await held.execute(text("SELECT pg_sleep(0.3)"))
+            # Two requests, each read retried once against the held pool: the breaker
+            # opens at the third pool timeout and the stale page answers both.
+            stale = [await client.get("/dashboard") for _ in range(2)]
+            during = await client.get("/metrics")
+        after = await client.get("/metrics")
+
+    assert [r.headers.get("x-guardrails") for r in stale] == ["stale", "stale"]
+    now = samples(after.text)
+    pool = (("pool", "main"),)
+    assert now[("guardrails_pool_size", pool)] == 1
+    assert samples(during.text)[("guardrails_pool_checked_out", pool)] == 1
+    assert now[("guardrails_pool_checked_out", pool)] == 0
+    assert now[("guardrails_pool_timeouts_total", pool)] == 3
+    assert now[("guardrails_pool_leak_suspects_total", pool)] == 1
+    # Every acquire is timed: the two that got a connection and the three timeouts (the
+    # second request's retry met the open breaker and never reached the pool).
+    acquires = now[("guardrails_pool_acquire_wait_seconds_count", pool)]
+    assert acquires == now[("guardrails_pool_acquire_wait_seconds_bucket", (("le", "+Inf"), *pool))]
+    assert acquires == 2 + 3
+    assert now[("guardrails_retries_total", (("outcome", "retried"),))] == 2
+    assert now[("guardrails_breaker_state", (("state", "open"),))] == 1
+    fallbacks = (("kind", "stale"), ("route", "/dashboard"))
+    assert now[("guardrails_fallbacks_total", fallbacks)] == 2
