@@ -198,6 +198,11 @@ def build_report(snapshot: dict[str, Any], fail_on: Iterable[str]) -> dict[str, 
         )
         timeouts = pool.get("timeouts_total", 0)
         checks[f"{name}:timeouts"] = _check(timeouts, "timeouts", "pass", now)
+        if pool.get("waiting") is not None:
+            checks[f"{name}:waiting"] = _check(pool["waiting"], "callers", "pass", now)
+        acquire_p95 = pool.get("acquire_wait_p95_seconds")
+        if acquire_p95 is not None:
+            checks[f"{name}:acquire_wait_p95"] = _check(round(acquire_p95, 4), "s", "pass", now)
     document: dict[str, Any] = {
         "status": status,
         "description": "guardrails: database admission, circuit breaker and pools",

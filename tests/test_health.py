@@ -156,9 +156,11 @@ async def test_answers_while_postgres_is_stopped_and_shows_no_secrets(
         assert (await c.get("/work")).status_code == 200
         await anyio.to_thread.run_sync(server.stop)
         failures = [await c.get("/work") for _ in range(2)]
+        acquires = guard.snapshot()["pools"][0]["acquires_total"]
         started = anyio.current_time()
         health = await c.get("/health/guardrails")
         took = anyio.current_time() - started
+        assert guard.snapshot()["pools"][0]["acquires_total"] == acquires  # no DB touched
     assert [r.status_code for r in failures] == [503, 503]
     assert health.status_code == 503
     assert took < 0.5
@@ -172,7 +174,10 @@ async def test_answers_while_postgres_is_stopped_and_shows_no_secrets(
         "Errno",
     ):
         assert secret not in text_seen
-    assert health.json()["checks"]["pool:main:checked_out"][0]["observedValue"] == 0
+    checks = health.json()["checks"]
+    assert checks["pool:main:checked_out"][0]["observedValue"] == 0
+    assert checks["pool:main:waiting"][0]["observedValue"] == 0
+    assert checks["pool:main:acquire_wait_p95"][0]["observedUnit"] == "s"
 
 
 async def test_sustained_utilization_warns_before_anything_is_shed() -> None:
