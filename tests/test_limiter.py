@@ -291,6 +291,7 @@ _ops = st.lists(
         st.tuples(st.just("release"), st.integers(0, 20), st.booleans()),
         st.tuples(st.just("cancel"), st.integers(0, 20), st.booleans()),
         st.tuples(st.just("expire"), st.integers(0, 20), st.booleans()),
+        st.tuples(st.just("sleep"), st.integers(0, 2), st.booleans()),
     ),
     max_size=40,
 )
@@ -301,16 +302,22 @@ _ops = st.lists(
     limit=st.integers(1, 5),
     max_queue=st.integers(0, 4),
     bulkhead_limit=st.integers(1, 3),
+    queue_timeout=st.sampled_from([30.0, 0.002]),
     ops=_ops,
 )
 def test_random_interleavings_keep_exact_accounting(
-    limit: int, max_queue: int, bulkhead_limit: int, ops: list[tuple[str, object, bool]]
+    limit: int,
+    max_queue: int,
+    bulkhead_limit: int,
+    queue_timeout: float,
+    ops: list[tuple[str, object, bool]],
 ) -> None:
     """Admit, release, cancel and time out in any order: in_flight never exceeds the
-    limit, always equals the permits held, and returns to 0 at the end."""
+    limit, always equals the permits held, and returns to 0 at the end. With the short
+    queue_timeout, real timeouts race the grants that releases hand out."""
 
     async def scenario() -> None:
-        limiter = ConcurrencyLimiter(limit, max_queue=max_queue, queue_timeout=30)
+        limiter = ConcurrencyLimiter(limit, max_queue=max_queue, queue_timeout=queue_timeout)
         bulkhead = limiter.bulkhead("b", bulkhead_limit)
         held: list[Permit] = []
         waiting: list[anyio.CancelScope] = []
@@ -338,6 +345,8 @@ def test_random_interleavings_keep_exact_accounting(
                     scope = anyio.CancelScope()
                     waiting.append(scope)
                     tg.start_soon(request, arg, flag, scope)
+                elif op == "sleep":
+                    await anyio.sleep(0.001 * int(arg))  # type: ignore[call-overload]
                 elif op == "release":
                     live = [p for p in held if not p.released]
                     if live:
