@@ -391,7 +391,10 @@ class Guardrails:
             request_finished(ctx)
 
     async def aclose(self) -> None:
-        """Stop background work (the breaker's probe, the sampler); call on shutdown."""
+        """Stop background work (probe, sampler, coordinator) and close the response store.
+
+        Call it on shutdown, e.g. at the end of the app's lifespan.
+        """
         await self.breaker.aclose()
         task, self._sampler = self._sampler, None
         self._sampling = False
@@ -400,6 +403,9 @@ class Guardrails:
             await asyncio.gather(task, return_exceptions=True)
         if self.coordinator is not None:
             await self.coordinator.aclose()
+        close_cache = getattr(self.cache, "aclose", None)
+        if close_cache is not None:  # e.g. RedisCache's connections
+            await close_cache()
         running, self._coordinator_task = self._coordinator_task, None
         if running is not None and not running.done():
             running.cancel()

@@ -187,3 +187,19 @@ async def test_one_process_serves_what_another_stored(redis_url: str) -> None:
         await client.aclose()
     for store in stores:
         await store.aclose()
+
+
+async def test_the_guard_closes_its_redis_store_on_shutdown(redis_url: str) -> None:
+    store = gr.RedisCache(redis_url, prefix=prefix())
+    guard = gr.Guardrails(concurrency=2, cache=store)
+    raw = Redis.from_url(redis_url)
+    before = len(await raw.client_list())
+    await store.set("k", response(), 5)  # opens the store's connection
+    assert len(await raw.client_list()) == before + 1
+    await guard.aclose()
+    for _ in range(100):  # the server notices the close within moments
+        if len(await raw.client_list()) == before:
+            break
+        await asyncio.sleep(0.02)
+    assert len(await raw.client_list()) == before
+    await raw.aclose()
