@@ -290,6 +290,13 @@ class GuardrailsMiddleware:
                 breaker.release(trial)
                 raise
             guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
+            if trial is None and breaker.state != CLOSED:
+                # The breaker opened while this request waited: it must not reach the pool.
+                permit.release()
+                await self._refuse(
+                    scope, send, route, "unavailable", "breaker_open", breaker.retry_after, plan
+                )
+                return
         capture = None if plan is None or (method != "GET" and method != "HEAD") else _Capture(plan)
         ctx = responder = _Responder(
             send, limiter, permit, route.template, deadline, trial, capture

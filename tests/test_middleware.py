@@ -103,6 +103,25 @@ async def test_queued_request_is_served_when_a_slot_frees() -> None:
     assert guard.limiter.in_flight == 0
 
 
+async def test_requests_queued_when_the_breaker_opens_never_reach_the_app() -> None:
+    guard = gr.Guardrails(concurrency=1, max_queue=4, queue_timeout=5)
+    gate = Gate()
+    app = make_app(guard, [Route("/slow", gate.endpoint)])
+    statuses: list[int] = []
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(lambda: _status_into(client, "/slow", statuses))
+        await wait_all_tasks_blocked()
+        assert (gate.entered, guard.limiter.queued) == (1, 2)
+        guard.breaker.force_open(30)  # e.g. the running request's query found the DB down
+        gate.opened.set()
+    assert sorted(statuses) == [200, 503, 503]
+    assert gate.entered == 1  # the two that waited were refused, not run
+    assert guard.limiter.in_flight == 0
+    shed = guard.snapshot()["telemetry"]["shed"]
+    assert {"reason": "breaker_open", "route": "/slow", "count": 2} in shed
+
+
 async def _status_into(client: httpx.AsyncClient, path: str, out: list[int]) -> None:
     out.append((await client.get(path)).status_code)
 
