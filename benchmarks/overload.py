@@ -20,7 +20,7 @@ import _harness as h
 VARIANTS = {
     "bare": "no guardrails (SQLAlchemy pool, pool_timeout 30 s)",
     "semaphore": "BaseHTTPMiddleware + asyncio.Semaphore(5), 1 s wait",
-    "guardrails": "GuardrailsMiddleware (5 slots, queue 64, queue_timeout 1 s)",
+    "guardrails": "GuardrailsMiddleware (6 slots, queue 64, queue_timeout 1 s)",
 }
 DEADLINE = 2.0
 """The guarded route's ``Policy(timeout=...)``: no answer may come later than this."""
@@ -32,15 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=8.0, help="seconds the client waits for any answer"
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=h.POOL_SIZE + 1,
+        help="guardrails' concurrency (default: one above the pool size, so a request is "
+        "always waiting at the pool when a connection comes back)",
+    )
+    parser.add_argument(
+        "--only", choices=list(VARIANTS), action="append", help="run only these servers"
+    )
 
 
-def server_config(variant: str, server: Any) -> dict[str, Any]:
+def server_config(variant: str, server: Any, slots: int = h.POOL_SIZE + 1) -> dict[str, Any]:
     return {
         "variant": variant,
         "dsn": server.dsn("asyncpg"),
         "pool_size": h.POOL_SIZE,
         "query_seconds": h.QUERY_SECONDS,
-        "concurrency": h.POOL_SIZE,
+        "concurrency": slots if variant == "guardrails" else h.POOL_SIZE,
         "queue_timeout": 1.0,
         "max_queue": 64,
         "deadline": DEADLINE,
@@ -54,6 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rate": args.rate,
         "duration": args.duration,
         "capacity": h.CAPACITY,
+        "slots": args.slots,
         "runs": {},
     }
     with h.postgres() as server:
@@ -65,8 +76,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             results["client_check"] = h.summary(outcomes, args.duration)
-        for variant in VARIANTS:
-            with h.serve(server_config(variant, server), f"overload-{variant}") as app:
+        for variant in args.only or VARIANTS:
+            config = server_config(variant, server, args.slots)
+            with h.serve(config, f"overload-{variant}") as app:
                 app.get_json("/stats/reset")
                 outcomes = asyncio.run(
                     h.open_loop(
@@ -93,8 +105,11 @@ def markdown(results: dict[str, Any]) -> str:
     """The overload section of docs/benchmarks.md."""
     check = results["client_check"]
     rows = []
-    for variant, label in VARIANTS.items():
-        r = results["runs"][variant]
+    for variant, r in results["runs"].items():
+        label = VARIANTS[variant]
+        if variant == "guardrails":
+            slots = results.get("slots", h.POOL_SIZE)
+            label = label.replace("6 slots", f"{slots} slots")
         rows.append(
             [
                 label,
@@ -125,7 +140,9 @@ def markdown(results: dict[str, Any]) -> str:
         "client lag p99 ms",
         "pool hold mean ms",
     ]
-    guarded = results["runs"]["guardrails"]
+    guarded = results["runs"].get("guardrails")
+    if guarded is None:
+        return h.table(headers, rows)
     return "\n".join(
         [
             f"Offered {results['rate']:.0f} requests/s for {results['duration']:.0f} s "

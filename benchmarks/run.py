@@ -146,7 +146,8 @@ What it measures: each server has the same SQLAlchemy pool (`pool_size=5`,
 `max_overflow=0`; without guardrails its default 30 s `pool_timeout` is what queues
 requests) and the same route (`SELECT pg_sleep(0.05)`), so the pool can serve at most
 100 requests/s. *goodput* counts 2xx answered within 1 s of their scheduled send, per
-second of arrivals, and its share of those 100/s. *other / no answer*: anything but 200
+second (over the arrival window, or until the last of them was answered if later), and
+its share of those 100/s. *other / no answer*: anything but 200
 or 503, including requests the client gave up on after 8 s. *past 5 s*: requests
 answered (or abandoned) more than 5 s after they were due. *client lag*: how late the
 client started requests; the client check against a route without a database at the
@@ -181,22 +182,21 @@ NOTES = """\
   between runs on this shared machine. `BaseHTTPMiddleware` costs about 10x on its own,
   before any semaphore.
 - **Overload goodput.** The pool itself bounds goodput at `5 / pool hold` (the last
-  column of the overload table). Guardrails holds a slot from admission until the last
-  body chunk is sent, so what it loses below that bound is the time between one
-  request giving its slot back and the next queued request running on the event
-  loop, while the same loop is answering about 300 shed requests a second and shares
-  two cores with PostgreSQL and the load generator. The in-process cost of the
-  middleware (a few microseconds) is not what is missing. The semaphore and the
-  unprotected server lose most of their goodput because their answers come later
-  than 1 s.
+  column of the overload table). A request gives its connection back before its
+  response is sent and its slot freed, and the next queued request asks for that
+  connection only after it is woken and routed: with exactly five slots the connection
+  idles a few milliseconds at every hand-off, about 15% of the pool's time here. One
+  slot above the pool size (`--slots 6`, the default) keeps a request waiting at the
+  pool, so a returned connection is taken at once; the waiting request needs a
+  `pool_timeout` longer than one query, which it has. Run `overload.py --slots 5` to
+  see the difference. The semaphore and the unprotected server lose most of their
+  goodput because their answers come later than 1 s.
 - **Fallback p99.** A stale answer costs a few microseconds in process (the cache-hit
   row of the overhead table); over HTTP its p99 is that of uvicorn on this machine,
   which the client check against a route without a database shows.
-- **Pool acquires while open.** Checkouts and connects while open are 0. *Attempts* are
-  requests that were already waiting in the limiter's queue when the breaker opened:
-  when they get a slot they run the handler, which asks the pool for a connection (and
-  fails at once, the database being down). Checking the breaker again when a queued
-  request is granted its slot brings them to 0.
+- **Pool acquires while open.** Checkouts, connects and attempts while open are all
+  0: a request that was waiting in the limiter's queue when the breaker opened is
+  refused when it is granted its slot, before it can reach the handler.
 """
 
 TITLES = {
