@@ -31,7 +31,7 @@ bench: $(STAMP)  ## benchmark suite (a few minutes): writes docs/benchmarks.md
 	$(PY) benchmarks/run.py
 
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
