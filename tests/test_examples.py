@@ -212,3 +212,29 @@ def test_asyncpg_example(examples: dict[str, Served]) -> None:
         assert checks["limiter:in_flight"][0]["limit"] == 5
         assert checks["pool:asyncpg:checked_out"][0]["observedValue"] == 0
         assert checks["pool:asyncpg:checked_out"][0]["size"] == 5
+
+
+def _serverless(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "examples.serverless_settings", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_serverless_settings_example() -> None:
+    """Run as its docstring says; the numbers are ConnectionBudget's serverless plan."""
+    run = _serverless("--max-connections", "100", "--peak-instances", "40")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    # floor((100 - 3) x 0.7) = 67 connections among 40 instances: a pool of 1 each.
+    assert lines[0] == "40 instances share 67 connections: pool_size 1 each, 40 at peak"
+    assert "'pool_size': 1" in lines[1]
+    assert "'pool_timeout': 2" in lines[1]
+    assert lines[2] == "guard:  {'concurrency': 1, 'queue_timeout': 0.25, 'max_queue': 8}"
+    # Too many instances for the budget: the example says so and exits 1.
+    many = _serverless("--max-connections", "20", "--peak-instances", "50")
+    assert many.returncode == 1
+    assert "warning: 50 instances cannot each hold a connection" in many.stdout
