@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from types import CodeType, FrameType
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Protocol
 
 from guardrails import context
@@ -235,6 +235,33 @@ def _percentile(ordered: list[float], fraction: float) -> float:
     return ordered[int(rank) - 1]
 
 
+class Acquiring:
+    """One acquire being timed; see :meth:`PoolWatcher.acquiring`."""
+
+    __slots__ = ("started", "timeouts", "watcher")
+
+    def __init__(
+        self,
+        watcher: PoolWatcher,
+        timeouts: type[BaseException] | tuple[type[BaseException], ...],
+    ) -> None:
+        self.watcher = watcher
+        self.timeouts = timeouts
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = self.watcher.acquire_started()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        timeout = exc is not None and isinstance(exc, self.timeouts)
+        self.watcher.acquire_done(self.started, exc, timeout=timeout)
+
+
 class PoolWatcher:
     """Watches one pool: checked-out count, acquire waits, pool timeouts, leak suspects.
 
@@ -274,6 +301,16 @@ class PoolWatcher:
         self._adapter = adapter
 
     # -- what adapters call --------------------------------------------------------------
+
+    def acquiring(
+        self, timeouts: type[BaseException] | tuple[type[BaseException], ...]
+    ) -> Acquiring:
+        """Time one acquire: ``with watcher.acquiring(PoolTimeout): conn = get()``.
+
+        An exception of a ``timeouts`` type is the pool giving up (counted, sent to the
+        sink); any other leaves only the waiting count. Works around ``await`` too.
+        """
+        return Acquiring(self, timeouts)
 
     def acquire_started(self) -> float:
         """An acquire begins; returns its start time for :meth:`acquire_done`."""

@@ -34,16 +34,8 @@ _MARK = "_guardrails_watcher"
 
 
 async def _timed(watcher: PoolWatcher, acquire: Awaitable[Any]) -> Any:
-    started = watcher.acquire_started()
-    try:
+    with watcher.acquiring(asyncio.TimeoutError):  # the builtin one from Python 3.11 on
         connection = await acquire
-    except asyncio.TimeoutError as exc:  # the builtin TimeoutError from Python 3.11 on
-        watcher.acquire_done(started, exc, timeout=True)
-        raise
-    except BaseException as exc:
-        watcher.acquire_done(started, exc, timeout=False)
-        raise
-    watcher.acquire_done(started, None, timeout=False)
     watcher.checked_out(id(connection))
     return connection
 

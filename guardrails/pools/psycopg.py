@@ -64,16 +64,8 @@ def _sync_wrappers(pool: ConnectionPool[Any], watcher: PoolWatcher) -> tuple[Any
 
     @functools.wraps(original_get)
     def getconn(timeout: float | None = None) -> Any:
-        started = watcher.acquire_started()
-        try:
+        with watcher.acquiring(Refused):
             connection = original_get(timeout)
-        except Refused as exc:
-            watcher.acquire_done(started, exc, timeout=True)
-            raise
-        except BaseException as exc:
-            watcher.acquire_done(started, exc, timeout=False)
-            raise
-        watcher.acquire_done(started, None, timeout=False)
         watcher.checked_out(id(connection))
         return connection
 
@@ -90,16 +82,8 @@ def _async_wrappers(pool: AsyncConnectionPool[Any], watcher: PoolWatcher) -> tup
 
     @functools.wraps(original_get)
     async def getconn(timeout: float | None = None) -> Any:
-        started = watcher.acquire_started()
-        try:
+        with watcher.acquiring(Refused):
             connection = await original_get(timeout)
-        except Refused as exc:
-            watcher.acquire_done(started, exc, timeout=True)
-            raise
-        except BaseException as exc:
-            watcher.acquire_done(started, exc, timeout=False)
-            raise
-        watcher.acquire_done(started, None, timeout=False)
         watcher.checked_out(id(connection))
         return connection
 

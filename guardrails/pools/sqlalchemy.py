@@ -83,17 +83,8 @@ class _EngineAdapter:
 
         @functools.wraps(original)
         def connect() -> Any:
-            started = watcher.acquire_started()
-            try:
-                connection = original()
-            except PoolTimeoutError as exc:
-                watcher.acquire_done(started, exc, timeout=True)
-                raise
-            except BaseException as exc:
-                watcher.acquire_done(started, exc, timeout=False)
-                raise
-            watcher.acquire_done(started, None, timeout=False)
-            return connection
+            with watcher.acquiring(PoolTimeoutError):
+                return original()
 
         pool.connect = connect  # type: ignore[method-assign]
         self.wrapped = pool
