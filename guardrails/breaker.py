@@ -336,7 +336,7 @@ class Breaker:
     def force_close(self) -> None:
         """Close now (if not closed): another process's trial found the database back."""
         if self.state != CLOSED:
-            self._trial = None
+            self._drop_trial()
             self._cb.close()
 
     def opened_remaining(self) -> float:
@@ -355,19 +355,26 @@ class Breaker:
     def _unavailable(self) -> NoReturn:
         raise self.unavailable()
 
+    def _drop_trial(self) -> None:
+        # The state moved on without the trial's verdict (another process, the probe):
+        # its holder must not go on to the pool as if it still held the right to try.
+        trial, self._trial = self._trial, None
+        if trial is not None:
+            trial.done = True
+
     def _on_state_change(self, old: str | None, new: str) -> None:
         self.state = new
         self.transitions += 1
         if new == OPEN:
             self._opened_at = self._clock()
             self._opened_wall = datetime.now(timezone.utc)
-            self._trial = None
+            self._drop_trial()
             if self.settings.probe is not None:
                 self._start_probe()
         elif new == CLOSED:
             self._opened_at = None
             self._opened_wall = None
-            self._trial = None
+            self._drop_trial()
         snapshot = self.snapshot()
         level = logging.WARNING if new == OPEN else logging.INFO
         logger.log(

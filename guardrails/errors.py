@@ -133,16 +133,22 @@ _TRANSIENT_TYPES = frozenset(
 
 # Python 3.10's asyncio.TimeoutError is not yet the builtin TimeoutError.
 _TIMEOUT_ERRORS = (TimeoutError, asyncio.TimeoutError)
-# Modules whose TimeoutError means "no connection could be had in time".
-_POOL_MODULES = ("asyncpg.pool", "asyncpg.connect_utils")
+# Where a TimeoutError means "no connection could be had in time": asyncpg's connect,
+# and the acquire functions of its pool (not Pool.fetch() and friends, whose frames
+# also run in asyncpg.pool while a query times out).
+_POOL_FRAMES: dict[str, frozenset[str] | None] = {
+    "asyncpg.connect_utils": None,
+    "asyncpg.pool": frozenset({"_acquire", "_acquire_impl", "acquire", "connect"}),
+}
 
 
-def _raised_in(exc: BaseException, modules: tuple[str, ...]) -> bool:
-    """Whether any frame between the raise and the catch runs in one of ``modules``."""
+def _raised_acquiring(exc: BaseException) -> bool:
+    """Whether a frame between the raise and the catch was acquiring a connection."""
     tb = exc.__traceback__
     while tb is not None:
-        name = tb.tb_frame.f_globals.get("__name__", "")
-        if isinstance(name, str) and name.startswith(modules):
+        frame = tb.tb_frame
+        functions = _POOL_FRAMES.get(frame.f_globals.get("__name__", ""), ())
+        if functions is None or (functions and frame.f_code.co_name in functions):
             return True
         tb = tb.tb_next
     return False
@@ -167,6 +173,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         orig = getattr(current, "orig", None)
         if isinstance(orig, BaseException):
             todo.append(orig)
+        # An exception group (a task group's failures): each of its exceptions.
+        inner = getattr(current, "exceptions", None)
+        if isinstance(inner, tuple):
+            todo.extend(e for e in inner if isinstance(e, BaseException))
         if current.__cause__ is not None:
             todo.append(current.__cause__)
 
@@ -199,7 +209,7 @@ def _builtin_kind(exc: BaseException) -> ErrorKind | None:
     # asyncpg's Pool.acquire(timeout=...) and its connect timeout raise a bare
     # TimeoutError; so do the app's own wait_for/fail_after and asyncpg's query
     # timeouts, which say nothing about the pool. Where it was raised tells them apart.
-    if isinstance(exc, _TIMEOUT_ERRORS) and _raised_in(exc, _POOL_MODULES):
+    if isinstance(exc, _TIMEOUT_ERRORS) and _raised_acquiring(exc):
         return ErrorKind.OUTAGE
     if "psycopg.OperationalError" in names and sqlstate is None:
         return ErrorKind.OUTAGE  # psycopg: no SQLSTATE means the connection itself failed

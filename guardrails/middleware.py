@@ -290,8 +290,9 @@ class GuardrailsMiddleware:
                 breaker.release(trial)
                 raise
             guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
-            if trial is None and breaker.state != CLOSED:
-                # The breaker opened while this request waited: it must not reach the pool.
+            if breaker.state != CLOSED and (trial is None or trial.done):
+                # The breaker opened (or moved on without this request's trial) while it
+                # waited: it must not reach the pool.
                 permit.release()
                 await self._refuse(
                     scope, send, route, "unavailable", "breaker_open", breaker.retry_after, plan
@@ -337,6 +338,8 @@ class GuardrailsMiddleware:
             await self._refuse(scope, send, route, "unavailable", "outage", retry_after, plan)
         except BaseException:
             breaker.release(trial)
+            if ctx.pool_timeout is not None:  # cancelled, but the pool had timed out
+                breaker.record_outage(ctx.pool_timeout)
             raise
         else:
             if ctx.pool_timeout is not None or (
@@ -345,6 +348,8 @@ class GuardrailsMiddleware:
                 self._settle(ctx, trial, None)
         finally:
             responder.release()
+            if trial is not None:
+                breaker.release(trial)  # never left held, whatever happened above
             context.var.reset(token)
             if ctx.checkouts:
                 guard._request_finished(ctx)
@@ -375,7 +380,9 @@ class GuardrailsMiddleware:
             if not counted:
                 if pending is not None and in_chain(exc, pending):
                     pending = None
-                if kind is ErrorKind.OUTAGE or proves:
+                # The app's own error proves the database answered only when nothing
+                # else said otherwise in this request.
+                if kind is ErrorKind.OUTAGE or (proves and not ctx.recorded and pending is None):
                     breaker.record(live, exc)
                     live = None
                 guard._note_failure(exc)

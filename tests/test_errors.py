@@ -174,6 +174,8 @@ async def test_asyncpg_pool_acquire_timeout_is_an_outage_but_other_timeouts_are_
         async with pool.acquire() as conn:
             acquire_timeout = await raised(lambda: pool.acquire(timeout=0.1))
             query_timeout = await raised(lambda: conn.fetchval("SELECT pg_sleep(2)", timeout=0.1))
+        # Through the pool's own fetchval: a query timeout still, not an acquire timeout.
+        pool_query_timeout = await raised(lambda: pool.fetchval("SELECT pg_sleep(2)", timeout=0.1))
         async with pool.acquire() as conn:
             waited = await raised(
                 lambda: asyncio.wait_for(conn.fetchval("SELECT pg_sleep(2)"), 0.1)
@@ -186,12 +188,13 @@ async def test_asyncpg_pool_acquire_timeout_is_an_outage_but_other_timeouts_are_
             app_deadline = await raised(fail_after)
     finally:
         await pool.close()
-    for exc in (acquire_timeout, query_timeout, waited, app_deadline):
+    for exc in (acquire_timeout, query_timeout, pool_query_timeout, waited, app_deadline):
         # One class from Python 3.11 on; on 3.10 anyio raises the builtin one.
         assert isinstance(exc, TimeoutError | asyncio.TimeoutError)
     assert classify(acquire_timeout) is OUTAGE
     # A slow query or the app's own deadline says nothing about the pool.
-    assert [classify(exc) for exc in (query_timeout, waited, app_deadline)] == [APP] * 3
+    others = (query_timeout, pool_query_timeout, waited, app_deadline)
+    assert [classify(exc) for exc in others] == [APP] * 4
 
 
 async def test_sqlalchemy_pool_timeout_is_an_outage(pg_url: str) -> None:
@@ -209,6 +212,31 @@ async def test_sqlalchemy_pool_timeout_is_an_outage(pg_url: str) -> None:
     assert isinstance(exc, sqlalchemy.exc.TimeoutError)
     assert classify(exc) is OUTAGE
     assert classify(gr.Unavailable("pool", retry_after=1)) is OUTAGE
+
+
+async def test_an_outage_inside_a_task_groups_failures_is_an_outage() -> None:
+    async def refused() -> None:
+        await asyncpg.connect(closed_port_url(), timeout=2)
+
+    async def app_error() -> None:
+        with anyio.CancelScope(shield=True):  # fails too, after the refused connect
+            await anyio.sleep(0.2)
+        raise KeyError("app")
+
+    async def group(*tasks: Callable[[], Awaitable[None]]) -> None:
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                tg.start_soon(task)
+
+    both = await raised(lambda: group(refused, app_error))
+    only_app = await raised(lambda: group(app_error, app_error))
+    assert type(both).__name__ == "ExceptionGroup"
+    assert sorted(type(e).__name__ for e in both.exceptions) == [  # type: ignore[attr-defined]
+        "ConnectionRefusedError",
+        "KeyError",
+    ]
+    assert classify(both) is OUTAGE
+    assert classify(only_app) is APP
 
 
 # -- transient errors -------------------------------------------------------------------------

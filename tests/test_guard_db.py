@@ -422,12 +422,21 @@ def breaker_app(guard: gr.Guardrails, engine: AsyncEngine) -> Starlette:
     async def no_database(request: Request) -> Response:
         return PlainTextResponse("static")
 
+    async def converts_the_outage(request: Request) -> Response:
+        try:
+            await read_one()
+        except gr.Unavailable as exc:
+            # Not chained (an ``except``/``raise`` of one's own): the outage still counts.
+            raise RuntimeError(f"could not load the page, retry in {exc.retry_after} s")  # noqa: B904
+        return PlainTextResponse("loaded")
+
     return Starlette(
         routes=[
             Route("/rows", rows),
             Route("/guarded-then-raw", guarded_then_raw),
             Route("/handles-its-own", handles_its_own),
             Route("/static", no_database),
+            Route("/converts-the-outage", converts_the_outage),
         ],
         middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
     )
@@ -487,4 +496,28 @@ async def test_outages_inside_a_request_count_once_each_even_when_the_app_handle
         assert raw.status_code == 503
         assert guard.breaker.state == "open"
         assert guard.snapshot()["pools"][0]["timeouts_total"] == 5
+    assert guard.limiter.in_flight == 0
+
+
+async def test_an_app_error_after_an_outage_does_not_count_as_the_database_answering(
+    async_engine_factory: EngineFactory,
+) -> None:
+    engine = async_engine_factory(pool_size=1, max_overflow=0, pool_timeout=0.1)
+    guard = gr.Guardrails(
+        concurrency=4,
+        breaker=gr.BreakerSettings(fail_max=3, reset_timeout=30),
+        retry=gr.RetrySettings(attempts=1),
+    )
+    app = breaker_app(guard, engine)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://app") as client,
+        pool_held(engine, 1.0),
+    ):
+        statuses = [(await client.get("/converts-the-outage")).status_code for _ in range(3)]
+        # The handler turned each outage into its own error: the outages still count.
+        assert statuses == [500, 500, 500]
+        assert guard.breaker.state == "open"
+        refused = await client.get("/converts-the-outage")
+    assert refused.status_code == 503
     assert guard.limiter.in_flight == 0

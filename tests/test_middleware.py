@@ -122,6 +122,27 @@ async def test_requests_queued_when_the_breaker_opens_never_reach_the_app() -> N
     assert {"reason": "breaker_open", "route": "/slow", "count": 2} in shed
 
 
+async def test_a_queued_trial_dropped_by_a_reopening_never_reaches_the_app() -> None:
+    guard = gr.Guardrails(concurrency=1, max_queue=4, queue_timeout=5)
+    gate = Gate()
+    app = make_app(guard, [Route("/slow", gate.endpoint)])
+    statuses: list[int] = []
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _status_into(client, "/slow", statuses))
+        await wait_all_tasks_blocked()
+        guard.breaker.force_open(0)  # the open period is over: the next request tries
+        tg.start_soon(lambda: _status_into(client, "/slow", statuses))
+        await wait_all_tasks_blocked()
+        assert guard.breaker.state == "half_open"
+        assert guard.limiter.queued == 1  # the trial holder waits for the slot
+        guard.breaker.force_open(30)  # another process saw the database fail again
+        gate.opened.set()
+    assert sorted(statuses) == [200, 503]
+    assert gate.entered == 1
+    assert guard.breaker.state == "open"
+    assert guard.limiter.in_flight == 0
+
+
 async def _status_into(client: httpx.AsyncClient, path: str, out: list[int]) -> None:
     out.append((await client.get(path)).status_code)
 
