@@ -129,7 +129,7 @@ class ServerSettings:
     statement_timeout_ms: int
     idle_in_transaction_session_timeout_ms: int
     track_activities: bool
-    shared_preload_libraries: str
+    shared_preload_libraries: str | None
 
     @property
     def reserved(self) -> int:
@@ -166,7 +166,7 @@ class IdleInTransaction:
 
     count: int
     oldest_seconds: float | None
-    """Age of the oldest such transaction, or None when there is none."""
+    """Seconds the longest-idle of them has been idle, or None when there is none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +263,7 @@ class DoctorReport:
                     server.idle_in_transaction_session_timeout_ms
                 ),
                 "track_activities": server.track_activities,
+                "shared_preload_libraries": server.shared_preload_libraries,
             },
             "connections": {
                 "total": activity.total,
@@ -398,7 +399,9 @@ def _server_settings(session: Session) -> ServerSettings:
         " (SELECT setting::bigint FROM pg_settings"
         "   WHERE name = 'idle_in_transaction_session_timeout'),"
         " current_setting('track_activities')::bool,"
-        " current_setting('shared_preload_libraries')"
+        # Superuser-only (or pg_read_all_settings): pg_settings hides the row from
+        # other roles, where current_setting() would fail the whole query.
+        " (SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries')"
     )
     version_num = int(row[0])
     reserved: int | None = None
@@ -415,7 +418,7 @@ def _server_settings(session: Session) -> ServerSettings:
         statement_timeout_ms=int(row[6]),
         idle_in_transaction_session_timeout_ms=int(row[7]),
         track_activities=bool(row[8]),
-        shared_preload_libraries=str(row[9]),
+        shared_preload_libraries=None if row[9] is None else str(row[9]),
     )
 
 
@@ -448,7 +451,7 @@ def _activity(session: Session) -> Activity:
 
 def _idle_in_transaction(session: Session) -> IdleInTransaction:
     ((count, oldest),) = session.fetch(
-        "SELECT count(*), max(extract(epoch FROM clock_timestamp() - xact_start))::float8"
+        "SELECT count(*), max(extract(epoch FROM clock_timestamp() - state_change))::float8"
         f" FROM pg_stat_activity WHERE {_CLIENTS}"
         " AND state IN ('idle in transaction', 'idle in transaction (aborted)')"
     )
@@ -469,18 +472,28 @@ def _longest_query(session: Session, show_queries: bool) -> RunningQuery | None:
     return RunningQuery(int(pid), user, application, max(0.0, seconds), query)
 
 
-def _preloaded(server: ServerSettings) -> bool:
+def _preloaded(server: ServerSettings) -> bool | None:
+    """Whether pg_stat_statements is preloaded; None when this role may not see it."""
+    if server.shared_preload_libraries is None:
+        return None
     libraries = (name.strip().strip('"') for name in server.shared_preload_libraries.split(","))
     return "pg_stat_statements" in libraries
 
 
 def _statements(session: Session, server: ServerSettings, show_queries: bool) -> StatementStats:
-    enable = (
-        "CREATE EXTENSION pg_stat_statements; in that database"
-        if _preloaded(server)
-        else "add pg_stat_statements to shared_preload_libraries, restart the server, then "
-        "run CREATE EXTENSION pg_stat_statements; in that database"
-    )
+    preloaded = _preloaded(server)
+    if preloaded:
+        enable = "CREATE EXTENSION pg_stat_statements; in that database"
+    elif preloaded is None:
+        enable = (
+            "make sure pg_stat_statements is in shared_preload_libraries (this role may not "
+            "read that setting), then run CREATE EXTENSION pg_stat_statements; in that database"
+        )
+    else:
+        enable = (
+            "add pg_stat_statements to shared_preload_libraries, restart the server, then "
+            "run CREATE EXTENSION pg_stat_statements; in that database"
+        )
     rows = session.fetch(
         "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
         " WHERE e.extname = 'pg_stat_statements'"

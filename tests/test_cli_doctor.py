@@ -385,6 +385,28 @@ def test_pg_stat_statements_installed_but_not_loaded(
     assert "shared_preload_libraries" in statements["note"]
 
 
+def test_an_ordinary_role_gets_the_report_too(
+    postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The app's own role may not read superuser-only settings: the doctor still works."""
+    if not postgres.managed:
+        pytest.skip("needs the suite's own server, to create and drop a role on it")
+    with _control(postgres) as conn:
+        conn.execute(b"DROP ROLE IF EXISTS doctor_app")
+        conn.execute(b"CREATE ROLE doctor_app LOGIN")
+    try:
+        url = f"postgresql://doctor_app@{postgres.host}:{postgres.port}/postgres"
+        for driver in ("psycopg", "asyncpg"):
+            result = _doctor(capsys, url.replace("postgresql:", f"postgresql+{driver}:"), status=1)
+            assert result["server"]["user"] == "doctor_app"
+            assert result["server"]["shared_preload_libraries"] is None
+            note = result["pg_stat_statements"]["note"]
+            assert "this role may not read that setting" in note
+    finally:
+        with _control(postgres) as conn:
+            conn.execute(b"DROP ROLE doctor_app")
+
+
 # -- errors: exit 2, one line, never the password -------------------------------------------
 
 
