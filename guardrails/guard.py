@@ -7,6 +7,7 @@ and ask it for :meth:`Guardrails.snapshot` to see what it is doing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -203,6 +204,7 @@ class Guardrails:
         self._warned: frozenset[str] = frozenset()
         self._sampling = False
         self._sampler: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._coordinator_task: asyncio.Task[None] | None = None
         self.coordinator = coordinator
         """Shares the budget and the breaker with other processes (e.g. RedisCoordinator)."""
@@ -360,22 +362,27 @@ class Guardrails:
         """
         from guardrails.pools import watch
 
+        self._remember_loop()
         watcher = watch(pool, sink=self, leak_threshold=self.leak_threshold, name=name)
         self._watchers.append(watcher)
         return watcher
 
     def pool_timeout(self, watcher: Any, exc: BaseException) -> None:
-        """Called by pool watchers for each pool timeout they see."""
+        """Called by pool watchers for each pool timeout they see (on any thread)."""
         ctx = context.current()
         if ctx is None:
-            self.breaker.record_outage(exc)
+            self._on_loop(self.breaker.record_outage, exc)
         else:
             # The request or guarded call records it when it ends, once, even when the
             # app catches the timeout and answers on its own.
             ctx.pool_timeout = exc
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
-        """Called by pool watchers for each leak suspect: logged and sent to every sink."""
+        """Called by pool watchers for each leak suspect (on any thread): logged and sent
+        to every sink."""
+        self._on_loop(self._report_leak, info)
+
+    def _report_leak(self, info: Any) -> None:
         self.telemetry.event(
             "leak_suspect",
             key=f"{info.pool}:{info.route}",
@@ -383,6 +390,25 @@ class Guardrails:
             message=info.describe(),
             **info.as_dict(),
         )
+
+    def _remember_loop(self) -> None:
+        # Set up before the app runs, there is no loop yet: the first request remembers it.
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+
+    def _on_loop(self, func: Callable[[Any], None], arg: Any) -> None:
+        """Run ``func(arg)`` on the app's event loop, also when a sync pool calls from a
+        worker thread: breaker listeners, probes and sinks expect the loop's thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                loop.call_soon_threadsafe(func, arg)
+                return
+        func(arg)
 
     def _request_finished(self, ctx: context.CallContext) -> None:
         if ctx.checkouts:
@@ -425,6 +451,7 @@ class Guardrails:
         except RuntimeError:
             self._sampling = False
             return
+        self._loop = loop
         self._sampler = loop.create_task(self._sample_forever(), name="guardrails-sampler")
         if self.coordinator is not None:
             self._coordinator_task = loop.create_task(

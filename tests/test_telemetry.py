@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -134,3 +135,45 @@ def test_snapshot_status_follows_the_health_fail_conditions() -> None:
     assert lenient.health.report()["status"] == "warn"
     # Read-only comes with the open breaker (read_only_on_open), so "read_only" fails.
     assert strict.snapshot()["status"] == "fail"
+
+
+@pytest.mark.anyio
+async def test_a_sync_pool_timing_out_on_a_worker_thread_opens_the_breaker_on_the_loop(
+    tmp_path: Any,
+) -> None:
+    # A real QueuePool of one on SQLite: one connection held, a worker thread (no request
+    # context, as with run_in_executor) times out waiting for a second.
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'sync.db'}",
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.05,
+    )
+    guard = gr.Guardrails(concurrency=2, breaker=gr.BreakerSettings(fail_max=1))
+    changed_on: list[int] = []
+    guard.breaker.add_listener(lambda old, new, snapshot: changed_on.append(threading.get_ident()))
+    watcher = guard.watch_pool(engine, name="sync")
+    held = engine.connect()
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            engine.connect()
+        except Exception as exc:
+            failures.append(exc)
+
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join)
+        with anyio.fail_after(5):
+            while guard.breaker.state != "open":
+                await anyio.sleep(0.01)
+    finally:
+        held.close()
+        watcher.close()
+        engine.dispose()
+    assert [type(exc).__name__ for exc in failures] == ["TimeoutError"]
+    assert changed_on == [threading.get_ident()]  # the loop's thread, not the worker's
+    assert guard.snapshot()["pools"][0]["timeouts_total"] == 1
