@@ -102,6 +102,10 @@ StateListener = Callable[[str | None, str, dict[str, Any]], None]
 """Hears a breaker transition as ``(old, new, snapshot)``; must not block or raise."""
 
 
+_UNPROVEN_TRIALS_TRUSTED = 3
+"""Half-open trials in a row that succeed without a watched checkout before one counts."""
+
+
 class Trial:
     """The right to make the one half-open trial call; given back by recording its outcome."""
 
@@ -162,6 +166,7 @@ class Breaker:
         self._opened_at: float | None = None
         self._opened_wall: datetime | None = None
         self._trial: Trial | None = None
+        self._unproven = 0
         self._probe_task: asyncio.Task[None] | None = None
         self.transitions = 0
         """Number of state changes since the breaker was made."""
@@ -355,6 +360,20 @@ class Breaker:
     def _unavailable(self) -> NoReturn:
         raise self.unavailable()
 
+    def trust_unproven(self) -> bool:
+        """Whether a half-open trial that succeeded without visibly reaching the database
+        (no watched checkout) may close the breaker: the third such in a row may.
+
+        A watched pool is not always where the app's queries run (another pool, a worker
+        thread that does not carry the request's context): the breaker must not stay
+        half-open for good. A 404 or a page without queries is trusted no sooner.
+        """
+        self._unproven += 1
+        if self._unproven < _UNPROVEN_TRIALS_TRUSTED:
+            return False
+        self._unproven = 0
+        return True
+
     def _drop_trial(self) -> None:
         # The state moved on without the trial's verdict (another process, the probe):
         # its holder must not go on to the pool as if it still held the right to try.
@@ -365,6 +384,8 @@ class Breaker:
     def _on_state_change(self, old: str | None, new: str) -> None:
         self.state = new
         self.transitions += 1
+        if new != HALF_OPEN:
+            self._unproven = 0
         if new == OPEN:
             self._opened_at = self._clock()
             self._opened_wall = datetime.now(timezone.utc)

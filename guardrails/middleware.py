@@ -363,7 +363,8 @@ class GuardrailsMiddleware:
         counted again; a pool timeout the app caught and answered itself still counts.
         With a watched pool, a request that never got a connection (a 404, a handler
         that failed before its query) proves nothing: it neither closes a half-open
-        breaker nor resets the failure count, and its trial goes back undecided.
+        breaker nor resets the failure count, and its trial goes back undecided (the
+        third such success in a row does count, see ``Breaker.trust_unproven``).
         """
         guard = self.guard
         breaker = guard.breaker
@@ -393,7 +394,11 @@ class GuardrailsMiddleware:
                 live = None
             else:
                 breaker.record_outage(pending)
-        elif exc is None and not ctx.recorded and proves:
+        elif (
+            exc is None
+            and not ctx.recorded
+            and (proves or (live is not None and breaker.trust_unproven()))
+        ):
             breaker.record(live)
             live = None
         breaker.release(live)

@@ -521,3 +521,30 @@ async def test_an_app_error_after_an_outage_does_not_count_as_the_database_answe
         refused = await client.get("/converts-the-outage")
     assert refused.status_code == 503
     assert guard.limiter.in_flight == 0
+
+
+async def test_trials_that_run_where_no_watcher_sees_close_the_breaker_at_the_third(
+    async_engine_factory: EngineFactory,
+) -> None:
+    watched = async_engine_factory(pool_size=1)
+    elsewhere = async_engine_factory(pool_size=1)  # e.g. a replica's pool, not watched
+    guard = gr.Guardrails(concurrency=4, breaker=gr.BreakerSettings(reset_timeout=30))
+    guard.watch_pool(watched)
+
+    async def replica_rows(request: Request) -> Response:
+        return PlainTextResponse(str(await select_one(elsewhere)))
+
+    app = Starlette(
+        routes=[Route("/replica", replica_rows)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    states = []
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        guard.breaker.force_open(0)  # the open period is over: requests are trials
+        for _ in range(3):
+            assert (await client.get("/replica")).status_code == 200
+            states.append(guard.breaker.state)
+    assert states == ["half_open", "half_open", "closed"]
+    assert guard.limiter.in_flight == 0
