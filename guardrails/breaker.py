@@ -409,7 +409,10 @@ class Breaker:
             extra={"guardrails": {"event": "breaker_state", "old": old, **snapshot}},
         )
         if self._on_change is not None:
-            self._on_change(old, new, snapshot)
+            try:
+                self._on_change(old, new, snapshot)
+            except Exception:
+                logger.exception("%s breaker on_change callback failed", self.name)
         for listener in tuple(self._listeners):
             try:
                 listener(old, new, snapshot)

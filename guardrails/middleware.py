@@ -151,12 +151,14 @@ class _Responder(context.CallContext):
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
         await self.send(message)
+        if (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
+            "more_body", False
+        ):
+            # Sent in full: the slot goes back before a copy is stored (a remote store's
+            # write must not hold a database slot).
+            self.release()
         if self.capture is not None:
             await self._copy(kind, message)
-        if (kind == "http.response.body" and not message.get("more_body", False)) or (
-            kind in _FINAL_SEND_TYPES and not message.get("more_body", False)
-        ):
-            self.release()
 
     async def _copy(self, kind: str, message: Message) -> None:
         capture = self.capture

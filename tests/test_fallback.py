@@ -435,3 +435,39 @@ async def test_a_request_past_its_deadline_gets_the_stale_page() -> None:
     assert {"reason": "timeout", "route": "/slow", "count": 1} in guard.snapshot()["telemetry"][
         "shed"
     ]
+
+
+class SlowStore(MemoryCache):
+    """A response store whose writes take as long as the test says (a remote store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = anyio.Event()
+        self.may_finish = anyio.Event()
+
+    async def set(self, key: str, response: gr.CachedResponse, ttl: float) -> None:
+        self.writing.set()
+        await self.may_finish.wait()
+        await super().set(key, response, ttl)
+
+
+async def test_the_slot_goes_back_before_a_slow_store_finishes_writing() -> None:
+    store = SlowStore()
+
+    @gr.policy(stale_ttl=60)
+    async def page(request: Request) -> Response:
+        return PlainTextResponse("page")
+
+    guard = gr.Guardrails(concurrency=1, cache=store)
+    app = Starlette(
+        routes=[Route("/page", page)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    async with client_for(app) as client, anyio.create_task_group() as tg:
+        tg.start_soon(client.get, "/page")
+        with anyio.fail_after(5):
+            await store.writing.wait()
+        in_flight_while_writing = guard.limiter.in_flight
+        store.may_finish.set()
+    assert in_flight_while_writing == 0
+    assert store.snapshot()["entries"] >= 1
