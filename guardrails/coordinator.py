@@ -45,7 +45,8 @@ _RETRY_INTERVAL = 1.0
 # lease, and report the shared breaker. Times are Redis's own (TIME), so process clocks
 # never matter. ``need`` is what a process used lately, ``want`` adds spare slots. While
 # some process needs more than it holds, nobody is granted more than it needs nor more
-# than ceil(budget / processes): spare slots go back to where the work is.
+# than ceil(budget / processes that need slots): spare slots go back to where the work
+# is, and idle processes (need 0) neither hold them nor shrink the others' fair share.
 _LEASE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -58,18 +59,19 @@ for _, m in ipairs(expired) do
 end
 if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 local held = redis.call('HGETALL', KEYS[2])
-local others, active, contended = 0, 1, 0
+local others, active, contended = 0, 0, 0
+if need > 0 then active = 1 end
 for i = 1, #held, 2 do
   local m = held[i]
   if m ~= me then
     local h = tonumber(held[i + 1])
     others = others + h
-    active = active + 1
     local n = tonumber(redis.call('HGET', KEYS[3], m) or h)
+    if n > 0 then active = active + 1 end
     if n > h then contended = 1 end
   end
 end
-local fair = math.ceil(budget / active)
+local fair = math.ceil(budget / math.max(active, 1))
 local grant = math.min(want, budget - others)
 if contended == 1 then grant = math.min(grant, fair, need) end
 if grant < 0 then grant = 0 end
@@ -192,6 +194,7 @@ class RedisCoordinator:
             raise ImportError(
                 "RedisCoordinator needs the redis client: pip install 'asgi-guardrails[redis]'"
             )
+        _check_url(url)
         self.url = url
         if budget is not None and not isinstance(budget, ConnectionBudget):
             _check_slots(budget, "budget", "the number of slots all processes share")
@@ -242,6 +245,10 @@ class RedisCoordinator:
         self._scripts: dict[str, Any] = {}
         self._connected = False
         self._ever_connected = False
+        self._retrying = False
+        """One call failed while connected: the next one decides whether Redis is lost."""
+        self._local = False
+        """Redis was declared lost: the local cap applies once our lease has run out."""
         self._closing = False
         self._held = 0
         self._want = 0
@@ -302,16 +309,10 @@ class RedisCoordinator:
 
     async def start(self) -> None:
         """Lease, renew and listen until :meth:`aclose`; run by the guard on its event loop."""
+        if self._closing:
+            return  # closed for good: a closed guard never leases again
         guard = self._require_guard()
         self._wake = asyncio.Event()
-        self._client = self._make_client()
-        for key, source in (
-            ("lease", _LEASE_SCRIPT),
-            ("open", _OPEN_SCRIPT),
-            ("close", _CLOSE_SCRIPT),
-            ("trial", _TRIAL_SCRIPT),
-        ):
-            self._scripts[key] = self._client.register_script(source)
         listener = (
             asyncio.get_running_loop().create_task(self._listen(), name="guardrails-redis-events")
             if self.share_breaker
@@ -329,12 +330,15 @@ class RedisCoordinator:
         if self._closing:
             return
         self._closing = True
+        guard = self._guard
+        if guard is not None:
+            # Admit nobody on slots that are about to be given back.
+            guard.limiter.set_limit(0)
         if self._wake is not None:
             self._wake.set()
         client, self._client = self._client, None
         if client is None:
             return
-        guard = self._guard
         if self._connected and guard is not None:
             # Shutting down: if this fails the lease expires by itself anyway.
             with contextlib.suppress(Exception):
@@ -387,6 +391,22 @@ class RedisCoordinator:
             raise RuntimeError("pass the coordinator to Guardrails(coordinator=...) first")
         return self._guard
 
+    def _connect(self) -> None:
+        """Create the client and its scripts (no I/O): a failure here is an outage too."""
+        if self._client is not None:
+            return
+        client = self._make_client()
+        self._scripts = {
+            key: client.register_script(source)
+            for key, source in (
+                ("lease", _LEASE_SCRIPT),
+                ("open", _OPEN_SCRIPT),
+                ("close", _CLOSE_SCRIPT),
+                ("trial", _TRIAL_SCRIPT),
+            )
+        }
+        self._client = client
+
     def _make_client(self) -> Any:
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
@@ -417,7 +437,7 @@ class RedisCoordinator:
             demand = limiter.in_flight + limiter.queued
             if demand > self._peak:
                 self._peak = demand
-            if self._connected:
+            if self._connected and not self._retrying:
                 starving = limiter.queued > 0 and self._held < limiter.configured_limit
                 due = (
                     now >= self._next_call
@@ -427,20 +447,22 @@ class RedisCoordinator:
                 )
             else:
                 due = now >= self._next_call
+            if self._local:
+                self._fall_back(guard)
             if due:
                 try:
                     await self._exchange(guard)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._lost(guard, exc)
-            if self._connected and self.share_breaker:
+                    self._failed(guard, exc)
+            if self._connected and not self._retrying and self.share_breaker:
                 try:
                     await self._coordinate_trial(guard)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._lost(guard, exc)
+                    self._failed(guard, exc)
             wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), _TICK)
@@ -453,15 +475,25 @@ class RedisCoordinator:
             await self._publish(guard, pending)
             if self._pending == pending:
                 self._pending = None
-        held = self._held if self._connected else limiter.limit
+        self._connect()
+        sent = time.monotonic()
+        leased = self._connected or sent < self._lease_until
         need = min(limiter.configured_limit, self._peak)
         want = min(limiter.configured_limit, need + self.batch)
-        floor = min(held, max(limiter.in_flight, need))
-        # Shrink locally before asking, so that whatever Redis answers, our use stays
-        # within what it has on record for us (arrivals meanwhile wait one round trip).
-        if floor < limiter.limit:
-            limiter.set_limit(floor)
-        sent = time.monotonic()
+        if leased:
+            # Keep on record only the work running now and, under overload, what we may
+            # keep: all we need, or no more than the fair share while others wait.
+            keep = min(need, self._fair) if self._contended else need
+            floor = min(self._held, max(limiter.in_flight, keep))
+            # Shrink locally before asking, so that whatever Redis answers, our use stays
+            # within what it has on record for us (arrivals meanwhile wait one round trip).
+            if floor < limiter.limit:
+                limiter.set_limit(floor)
+        else:
+            # No lease of ours in Redis (starting, or local since it expired): record the
+            # work running now; the local cap stays until Redis answers, as an attempt
+            # that fails must not cut the local capacity.
+            floor = limiter.in_flight
         result = await self._bounded(
             self._scripts["lease"](
                 keys=self._lease_keys(),
@@ -476,6 +508,9 @@ class RedisCoordinator:
             )
         )
         grant, record, active, fair, contended, remaining = (int(v) for v in result)
+        if self._closing:
+            return  # closed meanwhile: aclose gives the lease back
+        self._retrying = False
         self._held = record
         self._want = want
         self._peak = 0
@@ -494,10 +529,20 @@ class RedisCoordinator:
         if self.share_breaker:
             self._reconcile_breaker(guard, remaining)
 
-    def _lost(self, guard: Guardrails, exc: BaseException) -> None:
+    def _failed(self, guard: Guardrails, exc: BaseException) -> None:
         self.errors_total += 1
         self._last_error = type(exc).__name__
+        if self._connected and not self._retrying and not self._closing:
+            # One lost reply is often a stall, not an outage, and our lease stands:
+            # ask once more soon before going local.
+            self._retrying = True
+            self._next_call = time.monotonic() + _MIN_GAP
+            return
+        self._lost(guard, exc)
+
+    def _lost(self, guard: Guardrails, exc: BaseException) -> None:
         self._next_call = time.monotonic() + _RETRY_INTERVAL
+        self._retrying = False
         if self._closing:
             return
         if self._connected or (not self._ever_connected and self.errors_total == 1):
@@ -508,15 +553,29 @@ class RedisCoordinator:
                 redis=_where(self.url),
                 level=logging.WARNING,
                 message=f"Redis at {_where(self.url)} unreachable ({type(exc).__name__}): "
-                f"{self.per_process} local slots and the local breaker until it answers",
+                f"the local breaker, and {self.per_process} local slots once its lease runs "
+                "out, until Redis answers",
             )
         self._connected = False
+        self._local = True
         self._trial_owner = False
         guard.breaker.hold = False
-        guard.limiter.set_limit(self.per_process)
+        self._fall_back(guard)
+
+    def _fall_back(self, guard: Guardrails) -> None:
+        """Local mode: stay within our lease while Redis still counts it, then the cap."""
+        limiter = guard.limiter
+        if time.monotonic() < self._lease_until:
+            # The others hold the rest of the budget: more would overrun it.
+            limit = min(limiter.limit, self._held)
+        else:
+            limit = self.per_process
+        if limiter.limit != limit:
+            limiter.set_limit(limit)
 
     def _rejoined(self, guard: Guardrails) -> None:
         first = not self._ever_connected
+        self._local = False
         self._connected = True
         self._ever_connected = True
         if first and not self.errors_total:
@@ -667,6 +726,24 @@ class RedisCoordinator:
             self._apply_open(guard, int(amount) / 1000)
         elif kind == "closed" and guard.breaker.state != CLOSED:
             self._apply_close(guard)
+
+
+def _check_url(url: str) -> None:
+    """Parse ``url`` as the redis client will (no I/O), so a typo fails at startup."""
+    from redis.asyncio.connection import parse_url
+
+    example = "such as 'redis://127.0.0.1:6379/0'"
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        # The client's message names the bad part (port, option), never the password.
+        raise ValueError(f"url is not a valid Redis URL ({exc}): give one {example}") from None
+    parts = urlsplit(url)
+    db = parts.path.lstrip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ValueError(
+            f"url must end with a database number, e.g. /0, not /{db}: give one {example}"
+        )
 
 
 def _check_slots(value: object, name: str, hint: str) -> None:
