@@ -320,14 +320,23 @@ class ConcurrencyLimiter:
         The allocation-free form of :meth:`try_acquire` for callers that track the slot
         themselves (the middleware does, on an object it has anyway).
         """
-        if self._gate.try_take(priority):
-            self.admitted_total += 1
-            return True
-        return False
+        gate = self._gate
+        # _Gate.try_take inlined for the common case, a free slot and nobody queued: this
+        # runs once per admitted request.
+        if gate.waiting or gate.in_flight >= gate.caps[priority]:
+            if not gate.try_take(priority):
+                return False
+        else:
+            gate.in_flight += 1
+        self.admitted_total += 1
+        return True
 
     def give_back(self) -> None:
         """Return a slot taken with :meth:`try_take` (exactly once per slot)."""
-        self._gate.release()
+        gate = self._gate
+        gate.in_flight -= 1
+        if gate.waiting:
+            gate._grant()
 
     def try_acquire(
         self, priority: Priority = Priority.NORMAL, *, bulkhead: str | None = None
