@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import _harness as h
+from app import SemaphoreMiddleware
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -55,25 +56,6 @@ def routes() -> list[Route]:
 
 async def _cached_hello(request: Request) -> Response:
     return PlainTextResponse("hello")
-
-
-class SemaphoreMiddleware(BaseHTTPMiddleware):
-    """The usual hand-written alternative: a semaphore with a wait timeout."""
-
-    def __init__(self, app: ASGIApp, limit: int = 64, timeout: float = 1.0) -> None:
-        super().__init__(app)
-        self.semaphore = asyncio.Semaphore(limit)
-        self.timeout = timeout
-
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        try:
-            await asyncio.wait_for(self.semaphore.acquire(), self.timeout)
-        except asyncio.TimeoutError:
-            return PlainTextResponse("overloaded", status_code=503, headers={"retry-after": "1"})
-        try:
-            return await call_next(request)
-        finally:
-            self.semaphore.release()
 
 
 def bare_app() -> ASGIApp:
@@ -119,7 +101,9 @@ def pass_through_app() -> ASGIApp:
 
 
 def semaphore_app() -> ASGIApp:
-    return Starlette(routes=routes(), middleware=[Middleware(SemaphoreMiddleware, limit=64)])
+    return Starlette(
+        routes=routes(), middleware=[Middleware(SemaphoreMiddleware, limit=64, timeout=1.0)]
+    )
 
 
 @dataclass(frozen=True)
