@@ -92,22 +92,32 @@ if b then
   local until_ms = tonumber(string.match(b, '^(%d+)'))
   remaining = math.max(0, until_ms - now)
 end
-return {grant, record, active, fair, contended, remaining}
+return {grant, record, active, fair, contended, remaining, b or ''}
 """
 
 # The breaker key holds "<end of open period, Redis ms>:<opener>"; it outlives the period
-# (a trial still has to succeed) and is deleted when a trial closes the breaker.
+# (a trial still has to succeed) and is deleted when a trial closes the breaker. ARGV[4]
+# '1' re-tells an old opening Redis lost: it must not replace a newer one written since.
 _OPEN_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local remaining, linger = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('SET', KEYS[1], (now + remaining) .. ':' .. ARGV[3], 'PX', remaining + linger)
+local value = (now + remaining) .. ':' .. ARGV[3]
+if ARGV[4] == '1' then
+  if redis.call('GET', KEYS[1]) then return false end
+end
+redis.call('SET', KEYS[1], value, 'PX', remaining + linger)
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', KEYS[3], 'open ' .. remaining .. ' ' .. ARGV[3])
-return 1
+redis.call('PUBLISH', KEYS[3], 'open ' .. remaining .. ' ' .. ARGV[3] .. ' ' .. value)
+return value
 """
 
+# Close only the opening this process's trial answers for: after an outage another
+# process may have opened the breaker anew, and a stale "closed" must not close everyone's.
+# No opening on record (Redis restarted) closes nothing either: the renewals close the
+# others once nobody tells Redis of an opening.
 _CLOSE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', KEYS[3], 'closed 0 ' .. ARGV[1])
 return 1
@@ -259,8 +269,11 @@ class RedisCoordinator:
         self._next_call = 0.0
         self._last_call = -math.inf
         self._lease_until = 0.0
+        self._opening: str | None = None
+        """The shared breaker key's value this process last saw: the opening it may close."""
         self._pending: str | None = None
-        """Breaker news not yet told to Redis: "open" or "closed" (the latest wins)."""
+        """Breaker news not yet told to Redis: "open", "reopen" (an opening Redis lost,
+        told again) or "closed" (the latest wins)."""
         self._next_trial_check = 0.0
         self._wake: asyncio.Event | None = None
         self._applying = False
@@ -507,7 +520,8 @@ class RedisCoordinator:
                 ],
             )
         )
-        grant, record, active, fair, contended, remaining = (int(v) for v in result)
+        grant, record, active, fair, contended, remaining = (int(v) for v in result[:6])
+        opening = _text(result[6])
         if self._closing:
             return  # closed meanwhile: aclose gives the lease back
         self._retrying = False
@@ -527,7 +541,7 @@ class RedisCoordinator:
             self._rejoined(guard)
         limiter.set_limit(grant)
         if self.share_breaker:
-            self._reconcile_breaker(guard, remaining)
+            self._reconcile_breaker(guard, remaining, opening)
 
     def _failed(self, guard: Guardrails, exc: BaseException) -> None:
         self.errors_total += 1
@@ -611,20 +625,22 @@ class RedisCoordinator:
             self._wake.set()
 
     async def _publish(self, guard: Guardrails, kind: str) -> None:
-        if kind == "open":
+        if kind in ("open", "reopen"):
             period = int(guard.breaker.opened_remaining() * 1000)
             linger = int((guard.breaker.settings.reset_timeout + 30.0) * 1000)
-            await self._bounded(
+            written = await self._bounded(
                 self._scripts["open"](
                     keys=[self._breaker_key, self._trial_key, self._channel],
-                    args=[period, linger, self.process_id],
+                    args=[period, linger, self.process_id, "1" if kind == "reopen" else "0"],
                 )
             )
+            if written is not None:
+                self._opening = _text(written)
         else:
             await self._bounded(
                 self._scripts["close"](
                     keys=[self._breaker_key, self._trial_key, self._channel],
-                    args=[self.process_id],
+                    args=[self.process_id, self._opening or ""],
                 )
             )
 
@@ -653,16 +669,20 @@ class RedisCoordinator:
         self._source_open = False
         self._trial_owner = False
 
-    def _reconcile_breaker(self, guard: Guardrails, remaining_ms: int) -> None:
+    def _reconcile_breaker(self, guard: Guardrails, remaining_ms: int, opening: str) -> None:
         """The renewal's view of the shared breaker: catches a missed pub/sub message."""
         state = guard.breaker.state
         if remaining_ms >= 0:
+            if state != HALF_OPEN:
+                # A running trial answers for the opening it started under, not a newer one.
+                self._opening = opening
             if state == CLOSED:
                 self._apply_open(guard, remaining_ms / 1000)
         elif state != CLOSED and self._pending is None:
             if self._source_open:
-                # Redis lost the news (restarted): tell it again.
-                self._pending = "open"
+                # Redis lost the news (restarted): tell it again, unless another
+                # process has told it of a newer opening meanwhile.
+                self._pending = "reopen"
             elif not self._trial_owner:
                 self._apply_close(guard)
 
@@ -719,13 +739,19 @@ class RedisCoordinator:
         if not isinstance(data, bytes):
             return
         kind, _, rest = data.decode("utf-8", "replace").partition(" ")
-        amount, _, sender = rest.partition(" ")
+        amount, _, rest = rest.partition(" ")
+        sender, _, opening = rest.partition(" ")
         if sender == self.process_id:
             return
         if kind == "open" and amount.isdigit():
+            self._opening = opening or None
             self._apply_open(guard, int(amount) / 1000)
         elif kind == "closed" and guard.breaker.state != CLOSED:
             self._apply_close(guard)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _check_url(url: str) -> None:

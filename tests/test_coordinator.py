@@ -407,6 +407,68 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         assert sum(half_open) == 1  # one trial for the fleet, not one per process
 
 
+async def test_a_stale_close_after_an_outage_leaves_a_newer_opening_alone(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    server = redis_factory()
+    name = unique("stale")
+    settings = gr.BreakerSettings(fail_max=1, reset_timeout=0.3)
+    key = f"guardrails:{{{name}}}:breaker"
+    # The first guard's loop is ours to pause, as a process that comes back late would.
+    first = gr.Guardrails(
+        concurrency=2,
+        breaker=settings,
+        coordinator=RedisCoordinator(server.url, budget=4, name=name, lease_ttl=TTL),
+    )
+    loop = asyncio.create_task(coordinator_of(first).start())
+    raw = Redis.from_url(server.url)
+    try:
+        async with fleet(server.url, 1, budget=4, concurrency=2, name=name, breaker=settings) as (
+            second,
+        ):
+            await wait_until(
+                lambda: all(coordinator_of(g).snapshot()["connected"] for g in (first, second)),
+                within=2,
+            )
+            with pytest.raises(ConnectionRefusedError):
+                await first.breaker.call(refused)
+            await wait_until(lambda: second.breaker.state == "open", within=1)
+            server.stop()
+            await wait_until(lambda: not coordinator_of(first).snapshot()["connected"], 3)
+            await wait_until(lambda: not coordinator_of(second).snapshot()["connected"], 3)
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+            # Locally now: the first's trial starts; the second's trial fails and reopens.
+            trial = first.breaker.admit()
+            assert trial is not None
+            await anyio.sleep(0.35)
+            with pytest.raises(ConnectionRefusedError):
+                await second.breaker.call(refused)
+            assert second.breaker.state == "open"
+            server.start()  # empty: only the second is there to tell it of its opening
+            with anyio.fail_after(5):
+                while coordinator_of(second).process_id.encode() not in (await raw.get(key) or b""):
+                    await anyio.sleep(0.02)
+            # The first comes back having missed that news, its trial still running.
+            loop = asyncio.create_task(coordinator_of(first).start())
+            await wait_until(lambda: coordinator_of(first).snapshot()["connected"], within=3)
+            await anyio.sleep(0.3)  # time to tell Redis again of the opening it knew
+            assert first.breaker.state == "half_open"
+            first.breaker.record(trial)  # the trial succeeded, for the old opening only
+            assert first.breaker.state == "closed"
+            await anyio.sleep(0.5)
+            assert second.breaker.state == "open"
+            assert coordinator_of(second).process_id.encode() in (await raw.get(key) or b"")
+            # The first follows the opening on record again.
+            await wait_until(lambda: first.breaker.state == "open", within=2)
+    finally:
+        await first.aclose()
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await raw.aclose()
+        server.close()
+
+
 # -- a fleet of real servers on a real PostgreSQL with few connections -------------------
 
 MAX_CONNECTIONS = 12
