@@ -454,6 +454,8 @@ class RedisCache:
     def _redis(self) -> Any:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
+            if self._client is not None:
+                self._drop_client(self._client, self._loop)
             from redis.asyncio import Redis
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
@@ -553,6 +555,21 @@ class RedisCache:
             self._failed(exc)
             return
         self._succeeded()
+
+    @staticmethod
+    def _drop_client(client: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Close a client left behind by another event loop, without awaiting it here."""
+        # Its connections belong to that loop: awaiting them on ours would fail. A loop
+        # still running (another thread) closes them itself, as on shutdown; a stopped or
+        # closed one never runs again, so the pool just lets go of its connections and
+        # their sockets close when collected (nothing could await a cleaner close).
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                return
+            except RuntimeError:  # it closed meanwhile
+                pass
+        client.connection_pool.reset()
 
     async def aclose(self) -> None:
         """Close the connections to Redis (on shutdown)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 from collections.abc import Callable
 
+import anyio
 import httpx
 import pytest
 from pgcluster import free_port
@@ -203,3 +205,34 @@ async def test_the_guard_closes_its_redis_store_on_shutdown(redis_url: str) -> N
         await asyncio.sleep(0.02)
     assert len(await raw.client_list()) == before
     await raw.aclose()
+
+
+async def test_a_store_moved_to_another_event_loop_closes_the_old_loops_connections(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    server = redis_factory()
+    store = gr.RedisCache(server.url, prefix=prefix())
+    raw = Redis.from_url(server.url)
+
+    async def others() -> int:
+        return len(await raw.client_list()) - 1  # every connection but our own
+
+    # A loop in another thread, still running, uses the store first.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    stored = response()
+    try:
+        asyncio.run_coroutine_threadsafe(store.set("k", stored, 5), loop).result(5)
+        assert await others() == 1
+        assert await store.get("k") == stored  # now on this loop: a new client
+        with anyio.fail_after(5):
+            while await others() != 1:  # the old loop closed its own connection
+                await anyio.sleep(0.02)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        await store.aclose()
+        await raw.aclose()
+        server.close()
