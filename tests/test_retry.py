@@ -79,7 +79,7 @@ async def test_no_sleep_runs_past_the_time_left() -> None:
         await call_with_retries(flaky, settings, budget(settings), classify, time_left=0.05)
     # Full jitter draws sleeps in [0, 0.2]; any sleep that would end past 0.05 s is not taken.
     assert anyio.current_time() - started < 0.05 + 0.03
-    assert 1 <= flaky.calls < 10
+    assert 0 < flaky.calls < 10
 
 
 async def test_cancellation_is_never_retried() -> None:
