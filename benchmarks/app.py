@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -35,6 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 import guardrails as gr
+from guardrails.demo.server import serve_child
 
 LAG_INTERVAL = 0.010
 
@@ -250,17 +248,7 @@ def main() -> None:
             backlog=8192,
         )
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    print(sock.getsockname()[1], flush=True)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-
-    def stop_at_end_of_stdin() -> None:
-        sys.stdin.read()
-        server.should_exit = True
-
-    threading.Thread(target=stop_at_end_of_stdin, daemon=True).start()
-    server.run(sockets=[sock])
+    serve_child(server)
 
 
 if __name__ == "__main__":

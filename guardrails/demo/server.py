@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -137,8 +138,14 @@ def _main() -> None:
         # Far above the demo's concurrency: refusing connections would hide the hang.
         backlog=4096,
     )
-    server = uvicorn.Server(uv_config)
+    serve_child(uvicorn.Server(uv_config))
 
+
+def serve_child(server: Any) -> None:
+    """Run a ``uvicorn.Server`` as a child process: print its port, stop at end of stdin.
+
+    The parent reads the port from the first line of stdout and closes stdin to stop it.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((_HOST, 0))  # the OS picks a free port: no race with anything else
     print(sock.getsockname()[1], flush=True)
