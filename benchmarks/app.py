@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 import guardrails as gr
-from guardrails.demo.server import serve_child
+from guardrails.tools.demo.server import serve_child
 
 LAG_INTERVAL = 0.010
 

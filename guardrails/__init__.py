@@ -5,10 +5,10 @@ Everything public is importable from here::
     import guardrails as gr
 """
 
+from guardrails.asgi.middleware import GuardrailsMiddleware
 from guardrails.breaker import Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget, ServerlessPlan
-from guardrails.cache import CachedResponse, MemoryCache, RedisCache, ResponseStore
-from guardrails.coordinator import RedisCoordinator
+from guardrails.coordination.coordinator import RedisCoordinator
 from guardrails.errors import (
     BudgetExceeded,
     Classifier,
@@ -19,12 +19,12 @@ from guardrails.errors import (
     Unavailable,
     classify,
 )
+from guardrails.fallback.cache import CachedResponse, MemoryCache, RedisCache, ResponseStore
 from guardrails.guard import Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
-from guardrails.middleware import GuardrailsMiddleware
+from guardrails.observe.triage import Diagnosis, EarlyWarning
 from guardrails.policy import OnUnavailable, Policy, policy
 from guardrails.retry import RetryBudget, RetrySettings
-from guardrails.triage import Diagnosis, EarlyWarning
 
 __all__ = [
     "Breaker",

@@ -2,7 +2,7 @@
 
 import sys
 
-from guardrails.cli import main
+from guardrails.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """The ``Guardrails`` object: the one place where limiter, policies and modes are put together.
 
-Build one per process, hand it to :class:`~guardrails.middleware.GuardrailsMiddleware`,
+Build one per process, hand it to :class:`~guardrails.asgi.middleware.GuardrailsMiddleware`,
 and ask it for :meth:`Guardrails.snapshot` to see what it is doing.
 """
 
@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from guardrails import context
+from guardrails.asgi.health import FAIL_CONDITIONS, HealthEndpoint
 from guardrails.breaker import Breaker, BreakerSettings, Trial
 from guardrails.budget import ConnectionBudget
-from guardrails.cache import ResponseStore
 from guardrails.errors import (
     ErrorKind,
     GuardrailsError,
@@ -32,13 +32,11 @@ from guardrails.errors import (
     classify,
     in_chain,
 )
-from guardrails.health import FAIL_CONDITIONS, HealthEndpoint
+from guardrails.fallback.cache import ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
-from guardrails.policy import Policy, RouteResolver
-from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
-from guardrails.telemetry import Telemetry
-from guardrails.triage import NONE as NO_TROUBLE
-from guardrails.triage import (
+from guardrails.observe.telemetry import Telemetry
+from guardrails.observe.triage import NONE as NO_TROUBLE
+from guardrails.observe.triage import (
     Diagnosis,
     EarlyWarning,
     Sample,
@@ -47,6 +45,8 @@ from guardrails.triage import (
     early_warnings,
     refused_as_too_many,
 )
+from guardrails.policy import Policy, RouteResolver
+from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
 
 __all__ = ["Guardrails"]
 
@@ -509,7 +509,7 @@ class Guardrails:
         return sample
 
     def warnings(self) -> list[Warning_]:
-        """The early warnings that hold now (see :class:`~guardrails.triage.EarlyWarning`)."""
+        """The early warnings that hold now (see :class:`~guardrails.EarlyWarning`)."""
         window = self.early_warning.window
         now = time.monotonic()
         waits = self.telemetry.queue_wait.recent(within=window, now=now)

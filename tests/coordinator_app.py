@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import guardrails as gr
-from guardrails.triage import refused_as_too_many
+from guardrails.observe.triage import refused_as_too_many
 
 CONCURRENCY = int(os.environ["GR_CONCURRENCY"])
 SLEEP = float(os.environ.get("GR_SLEEP", "0.1"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from guardrails.cli import main
+from guardrails.tools.cli import main
 
 DESIGN = ["budget", "--max-connections", "100", "--reserved", "10", "--processes", "4"]
 

@@ -23,8 +23,8 @@ import pytest
 from pgcluster import PostgresServer, free_port
 
 from guardrails.budget import ConnectionBudget
-from guardrails.cli import main
-from guardrails.doctor import (
+from guardrails.tools.cli import main
+from guardrails.tools.doctor import (
     Activity,
     DoctorError,
     DoctorOptions,

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redisserver import RedisServer
 
 import guardrails as gr
-from guardrails.coordinator import RedisCoordinator
+from guardrails.coordination.coordinator import RedisCoordinator
 
 pytestmark = pytest.mark.anyio
 

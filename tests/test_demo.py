@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from guardrails.demo import add_arguments, run
-from guardrails.demo.chart import in_flight_series
-from guardrails.demo.load import Arrival, Outcome, Progress
-from guardrails.demo.runner import progress_line, run_demo
+from guardrails.tools.demo import add_arguments, run
+from guardrails.tools.demo.chart import in_flight_series
+from guardrails.tools.demo.load import Arrival, Outcome, Progress
+from guardrails.tools.demo.runner import progress_line, run_demo
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

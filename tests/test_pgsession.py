@@ -1,10 +1,10 @@
-"""guardrails.pgsession: database URLs in every accepted form, masked for display."""
+"""guardrails.tools.pgsession: database URLs in every accepted form, masked for display."""
 
 from __future__ import annotations
 
 import pytest
 
-from guardrails.pgsession import ConnectError, DatabaseUrl
+from guardrails.tools.pgsession import ConnectError, DatabaseUrl
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import guardrails as gr
-from guardrails.prometheus import GuardrailsCollector, metrics_endpoint
+from guardrails.observe.prometheus import GuardrailsCollector, metrics_endpoint
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
 import guardrails as gr
-from guardrails.telemetry import LoggingSink, Telemetry
+from guardrails.observe.telemetry import LoggingSink, Telemetry
 
 Events = list[tuple[str, dict[str, Any]]]
 

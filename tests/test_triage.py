@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 import guardrails as gr
-from guardrails.triage import EarlyWarning, Sample, diagnose, early_warnings, queue_wait_p95
+from guardrails.observe.triage import EarlyWarning, Sample, diagnose, early_warnings, queue_wait_p95
 
 
 def series(n: int = 30, **changes: object) -> list[Sample]:
@@ -126,7 +126,7 @@ def test_utilization_must_hold_for_the_whole_window() -> None:
 
 
 def test_refused_as_too_many_walks_the_chain() -> None:
-    from guardrails.triage import refused_as_too_many
+    from guardrails.observe.triage import refused_as_too_many
 
     inner = OSError("FATAL: sorry, too many clients already")
     outer = RuntimeError("could not connect")

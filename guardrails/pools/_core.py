@@ -18,7 +18,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Protocol
 
 from guardrails import context
-from guardrails.telemetry import Histogram
+from guardrails.observe.telemetry import Histogram
 
 __all__ = [
     "NO_REQUEST",
@@ -83,7 +83,7 @@ def _is_internal(frame: FrameType) -> bool:
         module = frame.f_globals.get("__name__")
         module = module if isinstance(module, str) else ""
         internal = module.partition(".")[0] in _INTERNAL and not module.startswith(
-            "guardrails.demo"  # the demo app is user code as far as leaks go
+            "guardrails.tools.demo"  # the demo app is user code as far as leaks go
         )
         if len(_internal_code) >= _INTERNAL_CODE_KEPT:
             _internal_code.clear()

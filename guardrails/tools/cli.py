@@ -1,7 +1,7 @@
 """The ``guardrails`` command: ``guardrails budget`` sizes a connection budget before a deploy.
 
-``guardrails doctor`` wires its flags to :mod:`guardrails.doctor`; ``guardrails demo`` is
-delegated to :mod:`guardrails.demo`, imported only when needed. Exit status: 0 fine, 1 the
+``guardrails doctor`` wires its flags to :mod:`guardrails.tools.doctor`; ``guardrails demo`` is
+delegated to :mod:`guardrails.tools.demo`, imported only when needed. Exit status: 0 fine, 1 the
 pool does not fit the budget, a checklist item warns or the demo failed, 2 bad input.
 """
 
@@ -16,8 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from guardrails.budget import ConnectionBudget
-from guardrails.doctor import APPLICATION_NAME, DoctorError, DoctorOptions, diagnose, render_text
 from guardrails.errors import BudgetExceeded
+from guardrails.tools.doctor import (
+    APPLICATION_NAME,
+    DoctorError,
+    DoctorOptions,
+    diagnose,
+    render_text,
+)
 
 __all__ = ["main"]
 
@@ -87,21 +93,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "pip install 'asgi-guardrails[demo]'.",
     )
     try:
-        import guardrails.demo
+        import guardrails.tools.demo
     except ImportError as exc:
         # A broken or missing demo must not take `guardrails budget` down with it.
         # (Bound as a default: Python unbinds `exc` when the except block ends.)
         demo.set_defaults(handler=lambda args, error=exc: _demo_unavailable(error))
     else:
-        guardrails.demo.add_arguments(demo)
+        guardrails.tools.demo.add_arguments(demo)
         demo.set_defaults(handler=_run_demo)
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    import guardrails.demo
+    import guardrails.tools.demo
 
-    return guardrails.demo.run(args)
+    return guardrails.tools.demo.run(args)
 
 
 def _demo_unavailable(exc: ImportError) -> int:

@@ -17,9 +17,9 @@ from typing import Any, TextIO
 import anyio
 import httpx
 
-from guardrails.demo import report, results
-from guardrails.demo.load import Arrival, Outcome, Profile, Progress, drive, schedule
-from guardrails.demo.options import (
+from guardrails.tools.demo import report, results
+from guardrails.tools.demo.load import Arrival, Outcome, Profile, Progress, drive, schedule
+from guardrails.tools.demo.options import (
     CAPACITY,
     JOB_INTERVAL,
     JOB_QUERY_MS,
@@ -32,8 +32,8 @@ from guardrails.demo.options import (
     DemoError,
     DemoOptions,
 )
-from guardrails.demo.server import Server, ServerConfig, serve
-from guardrails.demo.stats import RunStats, summarize
+from guardrails.tools.demo.server import Server, ServerConfig, serve
+from guardrails.tools.demo.stats import RunStats, summarize
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -119,7 +119,7 @@ def _draw(
     out: TextIO,
 ) -> Path | None:
     try:
-        from guardrails.demo import chart
+        from guardrails.tools.demo import chart
     except ImportError:  # pragma: no cover - matplotlib is part of the demo extra
         print("note: no chart, matplotlib is not installed", file=out)
         return None

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardrails.demo.load import Outcome
+from guardrails.tools.demo.load import Outcome
 
 __all__ = ["RunStats", "percentile", "summarize"]
 

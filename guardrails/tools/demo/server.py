@@ -2,7 +2,7 @@
 
 A separate process keeps the server off the load generator's GIL and file-descriptor table,
 so what is measured is the app, not the two fighting. Owns both ends: ``serve()`` starts
-and stops the child, and ``python -m guardrails.demo.server`` is the child.
+and stops the child, and ``python -m guardrails.tools.demo.server`` is the child.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import httpx
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from guardrails.demo.options import DemoError
+from guardrails.tools.demo.options import DemoError
 
 __all__ = ["Server", "ServerConfig", "serve"]
 
@@ -60,7 +60,7 @@ async def serve(config: ServerConfig, log_path: Path) -> AsyncIterator[Server]:
     """Start the app in a child process, wait until it answers, and stop it on exit."""
     with log_path.open("wb") as log:
         process = await anyio.open_process(
-            [sys.executable, "-m", "guardrails.demo.server"],
+            [sys.executable, "-m", "guardrails.tools.demo.server"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -124,7 +124,7 @@ def _start_failure(what: str, log_path: Path) -> str:
 def _main() -> None:
     import uvicorn
 
-    from guardrails.demo.app import create_app, make_engine
+    from guardrails.tools.demo.app import create_app, make_engine
 
     config = ServerConfig(**json.loads(sys.stdin.readline()))
     engine = make_engine(config.database_url, pool_timeout=config.pool_timeout)

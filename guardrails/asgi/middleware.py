@@ -17,10 +17,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardrails import cache, context
+from guardrails import context
 from guardrails.breaker import CLOSED, Trial
-from guardrails.cache import CachedResponse, ResponseStore
 from guardrails.errors import ErrorKind, GuardrailsError, Shed, Unavailable, in_chain
+from guardrails.fallback import cache
+from guardrails.fallback.cache import CachedResponse, ResponseStore
 from guardrails.guard import ErrorResponseFactory, Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.policy import OnUnavailable, Policy, ResolvedRoute

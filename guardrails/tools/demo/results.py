@@ -13,9 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from guardrails.demo.load import Outcome
-from guardrails.demo.options import DemoOptions
-from guardrails.demo.stats import RunStats
+from guardrails.tools.demo.load import Outcome
+from guardrails.tools.demo.options import DemoOptions
+from guardrails.tools.demo.stats import RunStats
 
 __all__ = ["CSV_COLUMNS", "write_csv", "write_json"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import httpx
 
-from guardrails.demo.options import (
+from guardrails.tools.demo.options import (
     BURST_OFF,
     BURST_ON,
     SEED_ROWS,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from guardrails.demo.load import Outcome
+from guardrails.tools.demo.load import Outcome
 
 __all__ = ["COLORS", "in_flight_series", "plot"]
 

@@ -1,7 +1,7 @@
 """``guardrails doctor``: what a live PostgreSQL says about connections, before settings change.
 
 Gathers the numbers (limits, sessions by application, user and state, idle transactions,
-long queries, pg_stat_statements) read-only over a :mod:`guardrails.pgsession`, judges them
+long queries, pg_stat_statements) read-only over a :mod:`guardrails.tools.pgsession`, judges them
 into a pre-release checklist and renders both as text or JSON, each step on its own.
 """
 
@@ -19,7 +19,14 @@ from typing import Any
 
 from guardrails.budget import ConnectionBudget
 from guardrails.errors import BudgetExceeded
-from guardrails.pgsession import ConnectError, DatabaseUrl, Driver, QueryFailed, Session, connect
+from guardrails.tools.pgsession import (
+    ConnectError,
+    DatabaseUrl,
+    Driver,
+    QueryFailed,
+    Session,
+    connect,
+)
 
 __all__ = [
     "APPLICATION_NAME",

@@ -1,7 +1,7 @@
 """``guardrails demo``: the same app under the same burst, without and then with guardrails.
 
 This module is the CLI's entry point (flags and exit code) and stays light to import;
-the work happens in :mod:`guardrails.demo.runner`.
+the work happens in :mod:`guardrails.tools.demo.runner`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 import importlib.util
 import sys
 
-from guardrails.demo.options import DemoError
-from guardrails.demo.options import add_arguments as add_arguments
+from guardrails.tools.demo.options import DemoError
+from guardrails.tools.demo.options import add_arguments as add_arguments
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from guardrails.demo.runner import run_demo
+    from guardrails.tools.demo.runner import run_demo
 
     try:
         run_demo(args)

@@ -409,7 +409,7 @@ class RedisCache:
         timeout: float | timedelta = 0.1,
         retry_interval: float | timedelta = 1.0,
     ) -> None:
-        from guardrails.coordinator import _redis_available, _where
+        from guardrails.coordination.coordinator import _redis_available, _where
         from guardrails.limiter import seconds
 
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):

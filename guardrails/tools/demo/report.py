@@ -10,7 +10,7 @@ import math
 import textwrap
 from collections.abc import Callable, Sequence
 
-from guardrails.demo.stats import RunStats
+from guardrails.tools.demo.stats import RunStats
 
 __all__ = ["conclusion", "notes", "table"]
 

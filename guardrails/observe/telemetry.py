@@ -3,7 +3,7 @@
 Components never import a metrics library. They call :class:`Telemetry`, which keeps
 plain counters (cheap enough for the request path) and hands state changes (breaker
 transitions, read-only on/off, leak suspects, triage changes) to its sinks. The
-stdlib-logging sink is always there; :mod:`guardrails.prometheus` reads the counters
+stdlib-logging sink is always there; :mod:`guardrails.observe.prometheus` reads the counters
 at scrape time, so metrics cost nothing between scrapes.
 
 Labels are bounded by construction: routes are templates (``/items/{id}``), never raw

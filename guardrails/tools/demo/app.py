@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import guardrails as gr
-from guardrails.demo.options import (
+from guardrails.tools.demo.options import (
     JOB_INTERVAL,
     JOB_QUERY_MS,
     MAX_QUEUE,

@@ -1,0 +1,1 @@
+"""Coordination among processes: one connection budget and one breaker for a fleet."""

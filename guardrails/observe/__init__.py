@@ -1,0 +1,1 @@
+"""Observability: telemetry events and counters, triage of pool trouble, metrics export."""

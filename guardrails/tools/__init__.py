@@ -1,0 +1,1 @@
+"""The ``guardrails`` command line and what it runs: budget, doctor and the demo."""
