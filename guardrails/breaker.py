@@ -1,29 +1,33 @@
 """The circuit breaker in front of the database: stop calling a pool that cannot serve.
 
-State is kept by :mod:`pybreaker` (closed, open, half-open; the consecutive failure
-count); this module drives it from asyncio, where pybreaker's own async support does
-not fit:
+An explicit state machine; :mod:`pybreaker` keeps the state and the consecutive
+failure count, and nothing outside this module knows it exists::
 
-- ``CircuitBreaker.call_async`` needs tornado, and ``call(async_fn)`` records a
-  success when the coroutine is *created*, before it runs. So the guarded call is
-  awaited here, and only its *outcome* is handed to pybreaker, through ``call`` with a
-  synchronous function that returns (success) or re-raises the outage (failure).
-  That call never blocks: the default in-memory storage and an uncontended lock.
-- pybreaker counts every exception, cancellation included, unless excluded, and
-  counts excluded ones as successes. Here an outcome is classified first
-  (:func:`guardrails.errors.classify`): only outages reach pybreaker as failures;
-  the app's own errors and transient errors mean the database answered (a success);
-  cancellation records nothing.
-- pybreaker lets every concurrent caller through in half-open. Here one trial at a
-  time is admitted (the caller holding the :class:`Trial`); the others get
-  :class:`~guardrails.errors.Unavailable` at once.
-- pybreaker keeps ``opened_at`` as wall-clock time inside its storage. The open
-  period is measured here on a monotonic clock, and the move to half-open is made
-  explicitly, so a clock jump cannot shorten or stretch it.
+    closed    --fail_max outages in a row------------------------------> open
+    open      --reset_timeout over, a caller is admitted (no probe)-----> half_open
+    open      --probe_interval over, the probe starts (probe running)---> half_open
+    half_open --the trial succeeds (the database answered)--------------> closed
+    half_open --the trial fails with an outage--------------------------> open
+    half_open --the trial is cancelled or given back undecided----------> half_open
+    any       --force_open / force_close (a coordinator)----------------> open / closed
 
-With ``BreakerSettings(probe=...)`` no user request is spent on a trial: when the
-open period ends the breaker runs the probe itself (e.g. ``SELECT 1`` with a short
-timeout), closes as soon as it succeeds, and opens for another period if it fails.
+Only one trial runs at a time: the caller holding the :class:`Trial`, or the probe;
+everyone else is refused with :class:`~guardrails.errors.Unavailable` at once. The
+open period is measured on a monotonic clock, so a wall-clock jump cannot shorten it.
+
+pybreaker's own async support does not fit asyncio (``call_async`` needs tornado;
+``call(async_fn)`` records a success when the coroutine is created), so a call's
+*outcome* is handed to pybreaker here, through ``call`` with a synchronous function
+that returns (success) or raises a stand-in (outage). Outcomes are classified first
+(:func:`guardrails.errors.classify`): only outages count as failures, the app's own
+errors mean the database answered, and cancellation records nothing.
+
+With ``BreakerSettings(probe=...)`` no user request is spent on a trial: the probe
+(e.g. ``SELECT 1``) runs every ``probe_interval`` while the breaker is open and closes
+it as soon as it succeeds, whatever ``reset_timeout`` says. :meth:`Breaker.run_probe`
+is the loop; the guard's background task group runs it, and the breaker starts it on
+its own asyncio loop when nothing else does. Where no probe can run (no loop of its
+own, e.g. trio without the guard's lifespan), user requests are the trials again.
 """
 
 from __future__ import annotations
@@ -34,21 +38,32 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from enum import Enum
 from typing import Any, NoReturn
 
+import anyio
 import pybreaker
 
 from guardrails.errors import Classifier, ErrorKind, Unavailable, classify
 
-__all__ = ["Breaker", "BreakerSettings", "Trial"]
+__all__ = ["Breaker", "BreakerSettings", "BreakerState", "Trial"]
 
 logger = logging.getLogger("guardrails.breaker")
 
-CLOSED = "closed"
-OPEN = "open"
-HALF_OPEN = "half_open"
-_STATE_NAMES = {
+
+class BreakerState(str, Enum):
+    """The breaker's states; the values are what snapshots and health show."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED = BreakerState.CLOSED
+OPEN = BreakerState.OPEN
+HALF_OPEN = BreakerState.HALF_OPEN
+_FROM_PYBREAKER = {
     pybreaker.STATE_CLOSED: CLOSED,
     pybreaker.STATE_OPEN: OPEN,
     pybreaker.STATE_HALF_OPEN: HALF_OPEN,
@@ -58,23 +73,37 @@ Probe = Callable[[], Awaitable[object]]
 """An async callable that succeeds when the database can serve again."""
 
 
+def _seconds(value: object, name: str) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class BreakerSettings:
     """How the breaker decides that the database is down, and how it tests recovery.
 
     ``fail_max`` consecutive outages (pool timeouts, refused or dropped connections,
-    ``too many connections``) open it; after ``reset_timeout`` seconds one trial call
-    is let through (half-open), which closes it on success and opens it again on
-    failure. ``probe``, an async callable such as ``lambda: ping(engine)``, makes the
-    breaker run that trial itself instead of spending a user request on it; each
-    probe run is cut off after ``probe_timeout`` seconds. ``classifiers`` are extra
-    rules for :func:`guardrails.errors.classify`.
+    ``too many connections``) open it. Without a probe, one user request is let
+    through as a trial once ``reset_timeout`` seconds have passed (half-open); it
+    closes the breaker on success and opens it again on failure.
+
+    ``probe``, an async callable such as ``lambda: ping(engine)``, makes the breaker
+    test recovery itself, every ``probe_interval`` seconds while open, each run cut
+    off after ``probe_timeout``: it closes within about one ``probe_interval`` of the
+    database accepting connections, and no user request is spent on a trial.
+    ``classifiers`` are extra rules for :func:`guardrails.errors.classify`.
     """
 
     fail_max: int = 5
     reset_timeout: float = 30.0
     probe: Probe | None = None
     probe_timeout: float = 2.0
+    probe_interval: float = 1.0
     classifiers: tuple[Classifier, ...] = ()
 
     def __post_init__(self) -> None:
@@ -85,12 +114,8 @@ class BreakerSettings:
                 f"fail_max must be >= 1, not {self.fail_max}: it is how many outages in a "
                 "row open the breaker (5 is a common choice)"
             )
-        for name in ("reset_timeout", "probe_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        for name in ("reset_timeout", "probe_timeout", "probe_interval"):
+            object.__setattr__(self, name, _seconds(getattr(self, name), name))
         if self.probe is not None and not callable(self.probe):
             raise TypeError(
                 f"probe must be an async callable taking no arguments, not {self.probe!r}"
@@ -129,21 +154,23 @@ def _fail(exc: BaseException) -> NoReturn:
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, breaker: Breaker) -> None:
-        self.breaker = breaker
+    def __init__(self, moved: Callable[[BreakerState | None, BreakerState], None]) -> None:
+        self.moved = moved
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
-        old = _STATE_NAMES.get(str(getattr(old_state, "name", "")))
-        self.breaker._on_state_change(old, _STATE_NAMES[new_state.name])
+        self.moved(_FROM_PYBREAKER.get(str(getattr(old_state, "name", ""))), new_state.name)
+
+
+_STOPPING = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
 class Breaker:
-    """A circuit breaker for one database, driven from asyncio.
+    """A circuit breaker for one database (or one remote origin), driven from async code.
 
     Callers ask :meth:`admit` before touching the pool and report the outcome with
-    :meth:`record`; :meth:`call` does both around one awaitable. The ``on_change``
-    callback, and every listener added with :meth:`add_listener`, hears every
-    transition as ``(old, new, snapshot)``.
+    :meth:`record` (or give a trial back undecided with :meth:`release`). The
+    ``on_change`` callback, and every listener added with :meth:`add_listener`,
+    hears every transition as ``(old, new, snapshot)``.
     """
 
     def __init__(
@@ -161,13 +188,16 @@ class Breaker:
         self._on_change = on_change
         self._listeners: list[StateListener] = []
         self._clock = clock
-        self.state = CLOSED
-        """``"closed"``, ``"open"`` or ``"half_open"``; kept in step with pybreaker."""
+        self.state: BreakerState = CLOSED
+        """``"closed"``, ``"open"`` or ``"half_open"`` (a :class:`BreakerState`)."""
         self._opened_at: float | None = None
         self._opened_wall: datetime | None = None
+        self._probe_due = 0.0
         self._trial: Trial | None = None
         self._unproven = 0
-        self._probe_task: asyncio.Task[None] | None = None
+        self._probe_runners = 0
+        self._own_probe: asyncio.Task[None] | None = None
+        self._wake: anyio.Event | None = None
         self.transitions = 0
         """Number of state changes since the breaker was made."""
         self.counting = False
@@ -179,7 +209,7 @@ class Breaker:
             fail_max=self.settings.fail_max,
             reset_timeout=self.settings.reset_timeout,
             throw_new_error_on_trip=False,
-            listeners=[_Listener(self)],
+            listeners=[_Listener(self._moved)],
             name=name,
         )
 
@@ -191,48 +221,43 @@ class Breaker:
         return int(self._cb.fail_counter)
 
     @property
+    def probing(self) -> bool:
+        """Whether a probe loop is running to test recovery (so users are never trials)."""
+        if self.settings.probe is None:
+            return False
+        own = self._own_probe
+        return self._probe_runners > 0 or (own is not None and not own.done())
+
+    @property
     def retry_after(self) -> int:
         """Whole seconds a client should wait before trying again; 0 while closed."""
-        if self.state == CLOSED:
+        if self.state is CLOSED:
             return 0
-        if self.state == HALF_OPEN or self._opened_at is None:
+        if self.state is HALF_OPEN or self._opened_at is None:
             return 1
-        left = self._opened_at + self.settings.reset_timeout - self._clock()
-        return max(1, math.ceil(left))
-
-    def rejects(self) -> bool:
-        """Whether a call now would be refused without trying: the cheap check for requests.
-
-        True while open (before the trial is due) or while a half-open trial or probe
-        is running.
-        """
-        if self.state == CLOSED:
-            return False
-        if self.state == HALF_OPEN:
-            return self._trial is not None or self._probe_task is not None
-        if self.settings.probe is not None:
-            self._start_probe()  # normally already running; not if opened from sync code
-            return True
-        return not self._trial_due()
+        due = self._probe_due if self.probing else self._opened_at + self.settings.reset_timeout
+        return max(1, math.ceil(due - self._clock()))
 
     def admit(self) -> Trial | None:
         """Let a call through, or raise :class:`~guardrails.errors.Unavailable`.
 
-        Returns ``None`` while closed. When open and the open period is over (without a
-        probe), or half-open with no trial running, returns the :class:`Trial` the caller
-        must hand back to :meth:`record`. Never touches the pool.
+        Returns ``None`` while closed. When open and the open period is over (and no
+        probe tests recovery), or half-open with no trial running, returns the
+        :class:`Trial` the caller must hand back to :meth:`record` or :meth:`release`.
+        Never touches the pool.
         """
-        if self.state == CLOSED:
+        if self.state is CLOSED:
             return None
-        if self.state == OPEN:
+        if self.state is OPEN:
             if self.settings.probe is not None:
-                self._start_probe()
-                self._unavailable()
+                self._start_own_probe()
+                if self.probing:
+                    raise self.unavailable()
             if not self._trial_due():
-                self._unavailable()
+                raise self.unavailable()
             self._cb.half_open()
-        if self._trial is not None or self._probe_task is not None:
-            self._unavailable()
+        if self._trial is not None:
+            raise self.unavailable()
         self._trial = Trial(self)
         return self._trial
 
@@ -249,176 +274,74 @@ class Breaker:
         if trial is not None:
             if trial.done:
                 return kind
-            trial.done = True
-            if self._trial is trial:
-                self._trial = None
-            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+            self._end(trial)
+            if isinstance(exc, _STOPPING) or self.state is not HALF_OPEN:
                 return kind
-            if self.state != HALF_OPEN:
-                return kind
-        elif self.state != CLOSED:
+        elif self.state is not CLOSED:
             return kind
         elif exc is None and not self.counting:
             return kind  # the hot path: closed, nothing to reset
-        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+        elif isinstance(exc, _STOPPING):
             return kind
         self._feed(kind is ErrorKind.OUTAGE, exc)
         return kind
 
+    def record_unproven(self, trial: Trial | None) -> None:
+        """Record a success that was not seen to reach the database (no watched checkout).
+
+        A 404 or a page without queries proves nothing: it neither resets the count nor
+        closes a half-open breaker, and its trial goes back undecided. The third such
+        trial in a row does close it: a watched pool is not always where the app's
+        queries run, and the breaker must not stay half-open for good.
+        """
+        if trial is None or trial.done:
+            return
+        self._unproven += 1
+        if self._unproven < _UNPROVEN_TRIALS_TRUSTED:
+            self.release(trial)
+            return
+        self._unproven = 0
+        self.record(trial)
+
     def release(self, trial: Trial | None) -> None:
         """Give a trial back undecided (the call never reached the database)."""
         if trial is not None and not trial.done:
-            trial.done = True
-            if self._trial is trial:
-                self._trial = None
+            self._end(trial)
 
     def record_outage(self, exc: BaseException) -> None:
         """Count an outage seen outside any admitted call (e.g. by a pool watcher)."""
-        if self.state == CLOSED:
+        if self.state is CLOSED:
             self._feed(True, exc)
 
-    async def call(self, func: Callable[[], Awaitable[Any]]) -> Any:
-        """Await ``func()`` if the breaker lets it through, and record its outcome."""
-        trial = self.admit()
-        try:
-            result = await func()
-        except BaseException as exc:
-            self.record(trial, exc)
-            raise
-        self.record(trial)
-        return result
+    def unavailable(self) -> Unavailable:
+        """The exception a refused call gets: says the state, carries ``retry_after``."""
+        return Unavailable(
+            f"the {self.name} circuit breaker is {self.state.value.replace('_', '-')}",
+            retry_after=self.retry_after,
+        )
 
-    # -- state -------------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        """State, failure count, opened-at, retry_after and settings as plain data."""
-        return {
-            "state": self.state,
-            "failures": self.failures,
-            "fail_max": self.settings.fail_max,
-            "reset_timeout": self.settings.reset_timeout,
-            "retry_after": self.retry_after,
-            "opened_at": self._opened_wall.isoformat() if self._opened_wall else None,
-            "trial_in_flight": self._trial is not None or self._probe_task is not None,
-            "probe": self.settings.probe is not None,
-            "transitions": self.transitions,
-        }
-
-    async def aclose(self) -> None:
-        """Stop a probe that is waiting or running."""
-        task, self._probe_task = self._probe_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    def _feed(self, failed: bool, exc: BaseException | None) -> None:
-        # pybreaker raises the failure back at us: hand it a stand-in, so the caller's
-        # own exception keeps its traceback free of pybreaker's frames.
-        try:
-            if failed:
-                self._cb.call(_fail, _Outage(type(exc).__name__ if exc else "outage"))
-            else:
-                self._cb.call(_succeed)
-        except _Outage:
-            pass
-        self.counting = self.state != CLOSED or bool(self._cb.fail_counter)
-
-    def _trial_due(self) -> bool:
-        if self.hold:
-            return False
-        opened = self._opened_at
-        return opened is None or self._clock() >= opened + self.settings.reset_timeout
+    # -- coordination ------------------------------------------------------------------
 
     def force_open(self, remaining: float) -> None:
         """Open now (if not open) with ``remaining`` seconds left of the open period.
 
         For coordinators: another process opened its breaker for the same database.
         """
-        if self.state != OPEN:
+        if self.state is not OPEN:
             self._cb.open()
         self._opened_at = self._clock() - self.settings.reset_timeout + max(0.0, remaining)
 
     def force_close(self) -> None:
         """Close now (if not closed): another process's trial found the database back."""
-        if self.state != CLOSED:
+        if self.state is not CLOSED:
             self._drop_trial()
             self._cb.close()
 
     def opened_remaining(self) -> float:
         """Seconds left of the open period (0 unless open)."""
-        if self.state != OPEN or self._opened_at is None:
+        if self.state is not OPEN or self._opened_at is None:
             return 0.0
         return max(0.0, self._opened_at + self.settings.reset_timeout - self._clock())
-
-    def unavailable(self) -> Unavailable:
-        """The exception a refused call gets: says the state, carries ``retry_after``."""
-        return Unavailable(
-            f"the {self.name} circuit breaker is {self.state.replace('_', '-')}",
-            retry_after=self.retry_after,
-        )
-
-    def _unavailable(self) -> NoReturn:
-        raise self.unavailable()
-
-    def trust_unproven(self) -> bool:
-        """Whether a half-open trial that succeeded without visibly reaching the database
-        (no watched checkout) may close the breaker: the third such in a row may.
-
-        A watched pool is not always where the app's queries run (another pool, a worker
-        thread that does not carry the request's context): the breaker must not stay
-        half-open for good. A 404 or a page without queries is trusted no sooner.
-        """
-        self._unproven += 1
-        if self._unproven < _UNPROVEN_TRIALS_TRUSTED:
-            return False
-        self._unproven = 0
-        return True
-
-    def _drop_trial(self) -> None:
-        # The state moved on without the trial's verdict (another process, the probe):
-        # its holder must not go on to the pool as if it still held the right to try.
-        trial, self._trial = self._trial, None
-        if trial is not None:
-            trial.done = True
-
-    def _on_state_change(self, old: str | None, new: str) -> None:
-        self.state = new
-        self.transitions += 1
-        if new != HALF_OPEN:
-            self._unproven = 0
-        if new == OPEN:
-            self._opened_at = self._clock()
-            self._opened_wall = datetime.now(timezone.utc)
-            self._drop_trial()
-            if self.settings.probe is not None:
-                self._start_probe()
-        elif new == CLOSED:
-            self._opened_at = None
-            self._opened_wall = None
-            self._drop_trial()
-        snapshot = self.snapshot()
-        level = logging.WARNING if new == OPEN else logging.INFO
-        logger.log(
-            level,
-            "%s circuit breaker %s -> %s (failures %d, retry after %ds)",
-            self.name,
-            old or "?",
-            new,
-            snapshot["failures"],
-            snapshot["retry_after"],
-            extra={"guardrails": {"event": "breaker_state", "old": old, **snapshot}},
-        )
-        if self._on_change is not None:
-            try:
-                self._on_change(old, new, snapshot)
-            except Exception:
-                logger.exception("%s breaker on_change callback failed", self.name)
-        for listener in tuple(self._listeners):
-            try:
-                listener(old, new, snapshot)
-            except Exception:
-                # A listener's bug must not undo a transition already made.
-                logger.exception("%s breaker listener %r failed", self.name, listener)
 
     def add_listener(self, listener: StateListener) -> None:
         """Also call ``listener(old, new, snapshot)`` on every transition (e.g. a coordinator)."""
@@ -431,41 +354,161 @@ class Breaker:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    # -- active probe ------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """State, failure count, opened-at, retry_after and settings as plain data."""
+        return {
+            "state": self.state.value,
+            "failures": self.failures,
+            "fail_max": self.settings.fail_max,
+            "reset_timeout": self.settings.reset_timeout,
+            "retry_after": self.retry_after,
+            "opened_at": self._opened_wall.isoformat() if self._opened_wall else None,
+            "trial_in_flight": self._trial is not None,
+            "probe": self.settings.probe is not None,
+            "probe_interval": self.settings.probe_interval,
+            "probing": self.probing,
+            "transitions": self.transitions,
+        }
 
-    def _start_probe(self) -> None:
+    # -- the probe ---------------------------------------------------------------------
+
+    async def run_probe(self) -> None:
+        """Test recovery with the probe every ``probe_interval`` while open; runs until
+        cancelled. Returns at once if no probe is configured.
+
+        The guard's background task group runs it (``async with guard`` or
+        ``guard.lifespan``); under asyncio the breaker also starts it itself when it
+        opens with nothing else running it.
+        """
+        probe = self.settings.probe
+        if probe is None:
+            return
+        self._probe_runners += 1
+        try:
+            while True:
+                if self.state is not OPEN:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                wait = self._probe_due - self._clock()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                elif self.hold:
+                    # Another process tests recovery for the fleet.
+                    await anyio.sleep(self.settings.probe_interval)
+                else:
+                    await self._probe_once(probe)
+        finally:
+            self._probe_runners -= 1
+
+    async def _probe_once(self, probe: Probe) -> None:
+        self._cb.half_open()
+        trial = self._trial = Trial(self)
+        outcome: BaseException | None = None
+        try:
+            with anyio.fail_after(self.settings.probe_timeout):
+                await probe()
+        except Exception as exc:
+            outcome = exc
+        except BaseException:
+            self.release(trial)
+            raise
+        if trial.done:
+            return  # the state moved on while it ran (a coordinator closed or reopened it)
+        self._end(trial)
+        # Any probe failure counts: the probe exists only to answer "is it back?".
+        self._feed(outcome is not None, outcome)
+        if outcome is not None:
+            logger.info("%s breaker probe failed: %s", self.name, type(outcome).__name__)
+
+    def _start_own_probe(self) -> None:
+        if self.probing:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # opened from sync code: the next call in async code starts it
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = loop.create_task(self._probe_loop(), name="guardrails-probe")
+            return  # not asyncio (or no loop): user requests are the trials
+        self._own_probe = loop.create_task(self.run_probe(), name=f"guardrails-probe-{self.name}")
 
-    async def _probe_loop(self) -> None:
-        probe = self.settings.probe
-        assert probe is not None
+    async def aclose(self) -> None:
+        """Stop the probe the breaker started itself, if any."""
+        task, self._own_probe = self._own_probe, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- transitions -------------------------------------------------------------------
+
+    def _trial_due(self) -> bool:
+        if self.hold:
+            return False
+        opened = self._opened_at
+        return opened is None or self._clock() >= opened + self.settings.reset_timeout
+
+    def _end(self, trial: Trial) -> None:
+        trial.done = True
+        if self._trial is trial:
+            self._trial = None
+
+    def _feed(self, failed: bool, exc: BaseException | None) -> None:
+        # pybreaker raises the failure back at us: hand it a stand-in, so the caller's
+        # own exception keeps its traceback free of pybreaker's frames.
         try:
-            while self.state == OPEN:
-                assert self._opened_at is not None
-                due = self._opened_at + self.settings.reset_timeout
-                await asyncio.sleep(max(0.0, due - self._clock()))
-                if self.state != OPEN:
-                    return
-                if self.hold or not self._trial_due():
-                    await asyncio.sleep(0.05)  # another process tests, or the period moved
-                    continue
-                self._cb.half_open()
-                outcome: BaseException | None = None
-                try:
-                    await asyncio.wait_for(probe(), self.settings.probe_timeout)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    outcome = exc
-                # Any probe failure counts: it exists only to answer "is it back?".
-                self._feed(outcome is not None, outcome)
-                if outcome is not None:
-                    logger.info("%s breaker probe failed: %s", self.name, type(outcome).__name__)
-        finally:
-            if self._probe_task is asyncio.current_task():
-                self._probe_task = None
+            if failed:
+                self._cb.call(_fail, _Outage(type(exc).__name__ if exc else "outage"))
+            else:
+                self._cb.call(_succeed)
+        except _Outage:
+            pass
+        self.counting = self.state is not CLOSED or bool(self._cb.fail_counter)
+
+    def _drop_trial(self) -> None:
+        # The state moved on without the trial's verdict (another process, the probe):
+        # its holder must not go on to the pool as if it still held the right to try.
+        trial, self._trial = self._trial, None
+        if trial is not None:
+            trial.done = True
+
+    def _moved(self, old: BreakerState | None, new_name: str) -> None:
+        new = _FROM_PYBREAKER[new_name]
+        self.state = new
+        self.transitions += 1
+        if new is not HALF_OPEN:
+            self._unproven = 0
+        if new is OPEN:
+            self._opened_at = self._clock()
+            self._opened_wall = datetime.now(timezone.utc)
+            self._probe_due = self._opened_at + self.settings.probe_interval
+            self._drop_trial()
+            if self.settings.probe is not None:
+                wake, self._wake = self._wake, None
+                if wake is not None:
+                    wake.set()
+                self._start_own_probe()
+        elif new is CLOSED:
+            self._opened_at = None
+            self._opened_wall = None
+            self._drop_trial()
+        self._announce(old, new)
+
+    def _announce(self, old: BreakerState | None, new: BreakerState) -> None:
+        snapshot = self.snapshot()
+        was = old.value if old is not None else None
+        logger.log(
+            logging.WARNING if new is OPEN else logging.INFO,
+            "%s circuit breaker %s -> %s (failures %d, retry after %ds)",
+            self.name,
+            was or "?",
+            new.value,
+            snapshot["failures"],
+            snapshot["retry_after"],
+            extra={"guardrails": {"event": "breaker_state", "old": was, **snapshot}},
+        )
+        for listener in (self._on_change, *self._listeners):
+            if listener is None:
+                continue
+            try:
+                listener(was, new.value, snapshot)
+            except Exception:
+                # A listener's bug must not undo a transition already made.
+                logger.exception("%s breaker listener %r failed", self.name, listener)

@@ -1,9 +1,9 @@
 """What guardrails knows about the request (or guarded call) running in this task.
 
-The middleware opens a :class:`CallContext` per admitted request; ``guard.read`` and
-``guard.write`` open one when called outside a request. Pool watchers and the breaker
-read it through :func:`current` to learn the route a connection was taken for, the
-request's deadline, and whether an outcome was already recorded.
+The request's life object is the :class:`CallContext` of an admitted request;
+``guard.read`` and ``guard.write`` open one when called outside a request. Pool
+watchers and guarded calls read it through :func:`current` to learn the route a
+connection was taken for, the request's deadline and its :class:`~guardrails.outcome.Outcome`.
 """
 
 from __future__ import annotations
@@ -11,45 +11,31 @@ from __future__ import annotations
 from contextvars import ContextVar, Token
 from typing import Any
 
-__all__ = ["CallContext", "current", "enter", "leave", "var"]
+from guardrails.outcome import Outcome
+
+__all__ = ["NO_REQUEST", "CallContext", "current", "enter", "leave"]
+
+NO_REQUEST = "<no request>"
+"""Route reported for guarded calls made outside any request (jobs, startup)."""
 
 
 class CallContext:
     """State of one request (or one guarded call outside any request)."""
 
-    __slots__ = (
-        "checkouts",
-        "deadline",
-        "failure",
-        "pool_timeout",
-        "recorded",
-        "route",
-        "touched",
-        "trial",
-    )
+    __slots__ = ("checkouts", "deadline", "outcome", "route")
 
-    def __init__(self, route: str, deadline: float | None = None, trial: Any = None) -> None:
+    def __init__(self, route: str, outcome: Outcome, deadline: float | None = None) -> None:
         self.route = route
         """Route template (``"/items/{id}"``), never the raw path."""
+        self.outcome = outcome
+        """What the request proved about the database so far."""
         self.deadline = deadline
         """``anyio.current_time()`` by which the request must be answered, or ``None``."""
-        self.trial = trial
-        """The breaker's half-open trial ticket this request holds, if any."""
-        self.recorded = False
-        """Whether a breaker outcome has been recorded for this request already."""
-        self.failure: BaseException | None = None
-        """The last exception recorded to the breaker for this request, so it counts once."""
-        self.pool_timeout: BaseException | None = None
-        """A pool timeout a watcher saw in this request that no one has recorded yet."""
-        self.touched = False
-        """Whether a watched pool handed this request a connection (it reached the database)."""
         self.checkouts: dict[int, Any] = {}
         """Connections checked out for this request and not yet returned, by key."""
 
 
-var: ContextVar[CallContext | None] = ContextVar("guardrails_call", default=None)
-"""The context variable itself, for the middleware's hot path."""
-_current = var
+_current: ContextVar[CallContext | None] = ContextVar("guardrails_call", default=None)
 
 
 def current() -> CallContext | None:

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -21,32 +19,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from guardrails import context
-from guardrails.asgi.health import FAIL_CONDITIONS, HealthEndpoint
-from guardrails.breaker import Breaker, BreakerSettings, Trial
+from guardrails.asgi.health import HealthEndpoint
+from guardrails.background import Background, Job
+from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
-from guardrails.errors import (
-    ErrorKind,
-    GuardrailsError,
-    ReadOnly,
-    Unavailable,
-    classify,
-    in_chain,
-)
+from guardrails.context import NO_REQUEST
+from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
 from guardrails.fallback.cache import ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
+from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
-from guardrails.observe.triage import NONE as NO_TROUBLE
-from guardrails.observe.triage import (
-    Diagnosis,
-    EarlyWarning,
-    Sample,
-    Warning_,
-    diagnose,
-    early_warnings,
-    refused_as_too_many,
-)
-from guardrails.policy import Policy, RouteResolver
+from guardrails.observe.triage import Diagnosis, EarlyWarning, Sample, Warning_, refused_as_too_many
+from guardrails.outcome import Outcome
+from guardrails.policy import Policy
 from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
+from guardrails.routing import RouteResolver
 
 __all__ = ["Guardrails"]
 
@@ -59,8 +46,8 @@ logger = logging.getLogger("guardrails")
 class Coordinator(Protocol):
     """Shares the connection budget and the breaker state among processes.
 
-    ``attach(guard)`` is called once by the guard's constructor; ``start()`` from the
-    first request, on the running event loop (it runs until ``aclose()``). It drives
+    ``attach(guard)`` is called once by the guard's constructor; ``start()`` by the
+    guard's background work, on the app's event loop (it runs until ``aclose()``). It drives
     ``guard.limiter.set_limit`` with the slots it holds, and ``guard.breaker``'s
     ``force_open`` / ``force_close`` / ``hold`` with the shared state.
     """
@@ -73,12 +60,6 @@ class Coordinator(Protocol):
 
 ErrorResponseFactory = Callable[[Request, str, int], "Response | None"]
 """Builds the 503 for ``(request, error, retry_after)``; ``None`` keeps the default."""
-
-_SAMPLE_INTERVAL = 1.0
-_SAMPLES_KEPT = 600
-
-NO_REQUEST = "<no request>"
-"""Route reported for guarded calls made outside any request (jobs, startup)."""
 
 
 class Guardrails:
@@ -198,14 +179,17 @@ class Guardrails:
                 f"early_warning must be a guardrails EarlyWarning, not {early_warning!r}"
             )
         self.early_warning = early_warning if early_warning is not None else EarlyWarning()
-        self.samples: deque[Sample] = deque(maxlen=_SAMPLES_KEPT)
-        """Once-a-second samples of the counters (the last ten minutes), for triage."""
-        self.diagnosis: Diagnosis = NO_TROUBLE
-        self._warned: frozenset[str] = frozenset()
-        self._sampling = False
-        self._sampler: asyncio.Task[None] | None = None
+        self.sampler = Sampler(
+            self.limiter,
+            self.telemetry,
+            self.retry_budget,
+            lambda: [watcher.snapshot() for watcher in self._watchers],
+            self.early_warning,
+        )
+        """Samples the counters each second for the early warnings and the triage."""
+        self.background = Background(self._background_jobs)
+        """The sampler, the breaker's probe and the coordinator: see :meth:`lifespan`."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._coordinator_task: asyncio.Task[None] | None = None
         self.coordinator = coordinator
         """Shares the budget and the breaker with other processes (e.g. RedisCoordinator)."""
         if coordinator is not None:
@@ -224,7 +208,7 @@ class Guardrails:
     @property
     def read_only(self) -> bool:
         """Whether writes are refused right now: set by hand, or while the breaker is open."""
-        return self._read_only or (self.read_only_on_open and self.breaker.state != "closed")
+        return self._read_only or (self.read_only_on_open and self.breaker.state is not CLOSED)
 
     def set_read_only(self, enabled: bool, *, reason: str | None = None) -> None:
         """Turn read-only mode on or off at run time (e.g. during a primary failover).
@@ -288,37 +272,25 @@ class Guardrails:
     async def _guarded_call(self, call: Callable[[], Awaitable[T]], *, read: bool) -> T:
         ctx = context.current()
         token = None
-        if ctx is None:
-            ctx = context.CallContext(NO_REQUEST)
+        if ctx is None:  # a job or startup code: this call is its own little request
+            ctx = context.CallContext(NO_REQUEST, Outcome(self))
             token = context.enter(ctx)
+        outcome = ctx.outcome
         try:
             if not read and self.read_only:
                 retry_after = max(self.limiter.retry_after, self.breaker.retry_after)
                 raise ReadOnly(
                     self._read_only_reason or "database unavailable", retry_after=retry_after
                 )
-            breaker = self.breaker
-            call_context = ctx
 
             async def attempt() -> T:
-                # A request holding the half-open trial makes this call the trial.
-                held = call_context.trial
-                trial = held if isinstance(held, Trial) and not held.done else breaker.admit()
+                trial = outcome.begin_call()
                 try:
                     result = await call()
                 except BaseException as exc:
-                    pending = call_context.pool_timeout
-                    if pending is not None and in_chain(exc, pending):
-                        call_context.pool_timeout = None
-                    breaker.record(trial, exc)
-                    call_context.recorded = True
-                    call_context.failure = exc
-                    self._note_failure(exc)
+                    outcome.call_failed(trial, exc)
                     raise
-                # A pool timeout the function caught itself is still an outage.
-                pending, call_context.pool_timeout = call_context.pool_timeout, None
-                breaker.record(trial, pending)
-                call_context.recorded = True
+                outcome.call_succeeded(trial)
                 return result
 
             try:
@@ -330,24 +302,29 @@ class Guardrails:
                         attempt,
                         self.retry_settings,
                         self.retry_budget,
-                        self._classify,
+                        self.classify,
                         time_left=time_left,
                     )
                 return await attempt()
             except Exception as exc:
-                if isinstance(exc, GuardrailsError) or self._classify(exc) is not ErrorKind.OUTAGE:
+                if isinstance(exc, GuardrailsError) or self.classify(exc) is not ErrorKind.OUTAGE:
                     raise
                 raise Unavailable(
-                    "the database is unavailable", retry_after=max(1, breaker.retry_after)
+                    "the database is unavailable", retry_after=max(1, self.breaker.retry_after)
                 ) from exc
         finally:
             if token is not None:
                 context.leave(token)
-                if ctx.pool_timeout is not None:  # outside a request: no one else will
-                    self.breaker.record_outage(ctx.pool_timeout)
+                outcome.abandon()  # a pool timeout it caught itself still counts
 
-    def _classify(self, exc: BaseException) -> ErrorKind:
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """What ``exc`` says about the database, with this guard's extra classifiers."""
         return classify(exc, self.breaker.settings.classifiers)
+
+    def note_failure(self, exc: BaseException) -> None:
+        """Count what a failed database call says for triage (e.g. too many connections)."""
+        if refused_as_too_many(exc):
+            self.telemetry.refused_total += 1
 
     # -- pools ---------------------------------------------------------------------------
 
@@ -367,6 +344,12 @@ class Guardrails:
         self._watchers.append(watcher)
         return watcher
 
+    @property
+    def watching(self) -> bool:
+        """Whether any pool is watched (then a request proves the database answered only
+        when a watched pool handed it a connection)."""
+        return bool(self._watchers)
+
     def pool_timeout(self, watcher: Any, exc: BaseException) -> None:
         """Called by pool watchers for each pool timeout they see (on any thread)."""
         ctx = context.current()
@@ -375,7 +358,7 @@ class Guardrails:
         else:
             # The request or guarded call records it when it ends, once, even when the
             # app catches the timeout and answers on its own.
-            ctx.pool_timeout = exc
+            ctx.outcome.pool_timed_out(exc)
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
         """Called by pool watchers for each leak suspect (on any thread): logged and sent
@@ -392,7 +375,7 @@ class Guardrails:
         )
 
     def _remember_loop(self) -> None:
-        # Set up before the app runs, there is no loop yet: the first request remembers it.
+        # Set up before the app runs, there is no loop yet: the background work remembers it.
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
 
@@ -410,121 +393,73 @@ class Guardrails:
                 return
         func(arg)
 
-    def _request_finished(self, ctx: context.CallContext) -> None:
-        if ctx.checkouts:
-            from guardrails.pools import request_finished
+    # -- background work -----------------------------------------------------------------
 
-            request_finished(ctx)
+    async def __aenter__(self) -> Guardrails:
+        """Run the background work (sampler, probe, coordinator) until the block ends."""
+        self._remember_loop()
+        await self.background.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """A Starlette/FastAPI lifespan running the guard's background work:
+        ``Starlette(lifespan=guard.lifespan)``; or ``async with guard:`` in your own."""
+        async with self:
+            yield
+
+    def _background_jobs(self) -> list[Job]:
+        jobs: list[Job] = [self._sample_forever, self.breaker.run_probe]
+        if self.coordinator is not None:
+            jobs.append(self.coordinator.start)
+        return jobs
+
+    async def _sample_forever(self) -> None:
+        self._remember_loop()
+        while True:
+            self.sampler.sample()
+            await anyio.sleep(SAMPLE_INTERVAL)
 
     async def aclose(self) -> None:
         """Stop background work (probe, sampler, coordinator) and close the response store.
 
-        Call it on shutdown, e.g. at the end of the app's lifespan.
+        ``async with guard`` and ``guard.lifespan`` call it on the way out.
         """
-        await self.breaker.aclose()
-        task, self._sampler = self._sampler, None
-        self._sampling = False
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         if self.coordinator is not None:
-            await self.coordinator.aclose()
+            await self.coordinator.aclose()  # gives the leased slots back first
+        await self.background.aclose()
+        await self.breaker.aclose()
         close_cache = getattr(self.cache, "aclose", None)
         if close_cache is not None:  # e.g. RedisCache's connections
             await close_cache()
-        running, self._coordinator_task = self._coordinator_task, None
-        if running is not None and not running.done():
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
 
     # -- sampling, early warnings and triage ---------------------------------------------
 
-    def _note_failure(self, exc: BaseException) -> None:
-        if refused_as_too_many(exc):
-            self.telemetry.refused_total += 1
+    @property
+    def samples(self) -> Sequence[Sample]:
+        """Once-a-second samples of the counters (the last ten minutes), for triage."""
+        return self.sampler.samples
 
-    def _start_sampler(self) -> None:
-        """Start the once-a-second sampler (from the first request; needs a running loop)."""
-        self._sampling = True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._sampling = False
-            return
-        self._loop = loop
-        self._sampler = loop.create_task(self._sample_forever(), name="guardrails-sampler")
-        if self.coordinator is not None:
-            self._coordinator_task = loop.create_task(
-                self.coordinator.start(), name="guardrails-coordinator"
-            )
-
-    async def _sample_forever(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(_SAMPLE_INTERVAL)
+    @property
+    def diagnosis(self) -> Diagnosis:
+        """What the triage makes of the recent samples (exhaustion, leak, storm, none)."""
+        return self.sampler.diagnosis
 
     def sample(self) -> Sample:
         """Record the counters now and update the triage; the sampler calls it each second."""
-        limiter = self.limiter
-        pools = [watcher.snapshot() for watcher in self._watchers]
-        sample = Sample(
-            at=time.monotonic(),
-            arrivals_total=limiter.admitted_total + limiter.shed_total,
-            admitted_total=limiter.admitted_total,
-            in_flight=limiter.in_flight,
-            limit=limiter.limit,
-            queued=limiter.queued,
-            checked_out=sum(int(p.get("checked_out") or 0) for p in pools) if pools else None,
-            pool_size=sum(int(p.get("size") or 0) for p in pools) if pools else None,
-            pool_timeouts_total=sum(int(p.get("timeouts_total") or 0) for p in pools),
-            connects_total=sum(int(p.get("connects_total") or 0) for p in pools),
-            leak_suspects_total=sum(int(p.get("leak_suspects_total") or 0) for p in pools),
-            refused_total=self.telemetry.refused_total,
-            retry_remaining=self.retry_budget.remaining(),
-        )
-        self.samples.append(sample)
-        warned = frozenset(warning.check for warning in self.warnings())
-        if warned != self._warned:
-            self.telemetry.event(
-                "early_warning",
-                transition=True,
-                checks=sorted(warned),
-                was=sorted(self._warned),
-                level=logging.WARNING if warned - self._warned else logging.INFO,
-                message="early warning: " + (", ".join(sorted(warned)) or "all clear"),
-            )
-            self._warned = warned
-        diagnosis = diagnose(self.samples, self.early_warning.triage_window)
-        if diagnosis.kind != self.diagnosis.kind:
-            self.telemetry.event(
-                "triage",
-                transition=True,
-                kind=diagnosis.kind,
-                was=self.diagnosis.kind,
-                numbers=diagnosis.numbers,
-                level=logging.INFO if diagnosis.kind == "none" else logging.WARNING,
-                message=f"pool triage: {diagnosis.kind}: {diagnosis.evidence}",
-            )
-        self.diagnosis = diagnosis
-        return sample
+        return self.sampler.sample()
 
     def warnings(self) -> list[Warning_]:
         """The early warnings that hold now (see :class:`~guardrails.EarlyWarning`)."""
-        window = self.early_warning.window
-        now = time.monotonic()
-        waits = self.telemetry.queue_wait.recent(within=window, now=now)
-        acquire = [
-            p["acquire_wait_p95_seconds"]
-            for p in (watcher.snapshot() for watcher in self._watchers)
-            if p.get("acquire_wait_p95_seconds") is not None
-        ]
-        return early_warnings(
-            list(self.samples),
-            self.early_warning,
-            queue_timeout=self.limiter.queue_timeout,
-            recent_queue_waits=waits,
-            acquire_p95=max(acquire) if acquire else None,
-        )
+        return self.sampler.warnings()
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why read-only mode was turned on by hand, if it is."""
+        return self._read_only_reason
 
     def route_resolver(self) -> RouteResolver:
         """A fresh resolver of requests to :class:`~guardrails.policy.ResolvedRoute`."""
@@ -532,43 +467,26 @@ class Guardrails:
 
     def snapshot(self) -> dict[str, Any]:
         """The guard's state as plain data, for health endpoints, logs and tests."""
-        limiter = self.limiter.snapshot()
-        breaker = self.breaker.snapshot()
-        warnings = self.warnings()
-        diagnosis = self.diagnosis
         snapshot: dict[str, Any] = {
-            "limiter": limiter,
-            "breaker": breaker,
+            "status": "pass",  # judged below, once the rest is known
+            "limiter": self.limiter.snapshot(),
+            "breaker": self.breaker.snapshot(),
             "read_only": {
                 "enabled": self.read_only,
                 "reason": self._read_only_reason,
                 "automatic": not self._read_only and self.read_only,
             },
-        }
-        if any(FAIL_CONDITIONS[name](snapshot) for name in self.health.fail_on):
-            status = "fail"
-        elif (
-            self.read_only
-            or limiter["queued"]
-            or breaker["state"] != "closed"
-            or warnings
-            or diagnosis.kind != "none"
-        ):
-            status = "warn"
-        else:
-            status = "pass"
-        return {
-            "status": status,
-            **snapshot,
             "retry": self.retry_budget.snapshot(),
             "cache": self.cache.snapshot() if self.cache is not None else None,
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "pools": [watcher.snapshot() for watcher in self._watchers],
             "telemetry": self.telemetry.snapshot(),
-            "warnings": [warning.to_dict() for warning in warnings],
-            "triage": diagnosis.to_dict(),
+            "warnings": [warning.to_dict() for warning in self.warnings()],
+            "triage": self.diagnosis.to_dict(),
             "coordinator": self.coordinator.snapshot() if self.coordinator is not None else None,
         }
+        snapshot["status"] = self.health.judge(snapshot)[0]
+        return snapshot
 
     def _bulkhead_for(self, chosen: Policy, template: str) -> str | None:
         if chosen.max_concurrency is None:

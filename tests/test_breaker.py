@@ -85,7 +85,6 @@ def test_open_refuses_with_retry_after_rounded_up_until_the_period_ends() -> Non
         breaker.admit()
     assert refused.value.retry_after == 8  # 7.5 s left, rounded up
     assert breaker.snapshot()["retry_after"] == 8
-    assert breaker.rejects()
     clock.now += 7.4
     with pytest.raises(gr.Unavailable) as refused:
         breaker.admit()
@@ -97,7 +96,6 @@ def test_one_trial_at_a_time_and_a_successful_trial_closes() -> None:
     breaker = make(clock)
     fail(breaker, 3)
     clock.now += 10
-    assert not breaker.rejects()
     trial = breaker.admit()
     assert trial is not None
     assert breaker.state == "half_open"
@@ -176,20 +174,24 @@ def test_each_transition_is_logged_once(caplog: pytest.LogCaptureFixture) -> Non
     assert caplog.records[0].levelno == logging.WARNING
 
 
-async def test_call_awaits_the_coroutine_before_recording() -> None:
+async def test_an_outcome_is_recorded_only_once_the_call_has_run() -> None:
     # pybreaker's call(async_fn) would record a success when the coroutine is created;
-    # here the outcome is the awaited result.
+    # here the outcome handed to record() is the awaited result.
     breaker = make(Clock(), fail_max=1)
 
     async def refused() -> None:
         await anyio.lowlevel.checkpoint()
         raise outage()
 
-    with pytest.raises(ConnectionRefusedError):
-        await breaker.call(refused)
+    trial = breaker.admit()
+    pending = refused()
+    assert breaker.state == "closed"
+    with pytest.raises(ConnectionRefusedError) as raised:
+        await pending
+    breaker.record(trial, raised.value)
     assert breaker.state == "open"
     with pytest.raises(gr.Unavailable):
-        await breaker.call(refused)
+        breaker.admit()
 
 
 async def test_probe_runs_the_trial_itself_and_closes_when_it_answers() -> None:
@@ -202,7 +204,9 @@ async def test_probe_runs_the_trial_itself_and_closes_when_it_answers() -> None:
         if answer is not None:
             raise answer
 
-    breaker = Breaker(gr.BreakerSettings(fail_max=1, reset_timeout=0.05, probe=probe))
+    breaker = Breaker(
+        gr.BreakerSettings(fail_max=1, reset_timeout=30, probe=probe, probe_interval=0.05)
+    )
     opened = anyio.current_time()
     breaker.record(breaker.admit(), outage())
     assert breaker.state == "open"
@@ -215,7 +219,10 @@ async def test_probe_runs_the_trial_itself_and_closes_when_it_answers() -> None:
             user_calls += 1
             await anyio.sleep(0.005)
     assert len(probes) == 3
+    # Each probe waits one probe_interval after the (re)opening before it; none waits
+    # for reset_timeout (30 s).
     assert probes[0] - opened >= 0.05
+    assert probes[1] - probes[0] >= 0.05
     assert user_calls > 0
     assert breaker.admit() is None
     snapshot = breaker.snapshot()
@@ -233,7 +240,9 @@ async def test_a_probe_that_hangs_is_cut_off_by_probe_timeout() -> None:
             await anyio.sleep(60)
 
     breaker = Breaker(
-        gr.BreakerSettings(fail_max=1, reset_timeout=0.02, probe=probe, probe_timeout=0.05)
+        gr.BreakerSettings(
+            fail_max=1, reset_timeout=30, probe=probe, probe_timeout=0.05, probe_interval=0.02
+        )
     )
     breaker.record(breaker.admit(), outage())
     with anyio.fail_after(5):
@@ -251,6 +260,7 @@ async def test_a_probe_that_hangs_is_cut_off_by_probe_timeout() -> None:
         ({"reset_timeout": "30"}, "reset_timeout must be a number of seconds"),
         ({"probe": "SELECT 1"}, "probe must be an async callable"),
         ({"probe_timeout": float("inf")}, "probe_timeout must be a positive number"),
+        ({"probe_interval": 0}, "probe_interval must be a positive number"),
     ],
 )
 def test_bad_settings_say_what_to_change(settings: dict[str, object], message: str) -> None:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redisserver import RedisServer
 
 import guardrails as gr
+from guardrails.breaker import Breaker
 from guardrails.coordination.coordinator import RedisCoordinator
 
 pytestmark = pytest.mark.anyio
@@ -360,9 +361,19 @@ async def test_rejoins_when_redis_comes_back(redis_factory: Callable[[], RedisSe
 
 
 async def refused() -> None:
-    """A real outage: a connection refused by a port nobody listens on."""
-    _, writer = await asyncio.open_connection("127.0.0.1", free_port())
-    writer.close()
+    """A real outage: the database driver refused by a port nobody listens on."""
+    await asyncpg.connect(host="127.0.0.1", port=free_port(), user="x", timeout=2)
+
+
+async def call_through(breaker: Breaker, call: Callable[[], Awaitable[None]]) -> None:
+    """Make one call the way guarded calls do: admitted by the breaker, outcome recorded."""
+    trial = breaker.admit()
+    try:
+        await call()
+    except BaseException as exc:
+        breaker.record(trial, exc)
+        raise
+    breaker.record(trial)
 
 
 async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
@@ -375,7 +386,7 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         await wait_until(lambda: all(coordinator_of(g).snapshot()["connected"] for g in guards), 2)
         first, *others = guards
         with pytest.raises(ConnectionRefusedError):
-            await first.breaker.call(refused)
+            await call_through(first.breaker, refused)
         assert first.breaker.state == "open"
         seen = await wait_until(lambda: all(g.breaker.state == "open" for g in others), within=1)
         assert seen < 1.0
@@ -431,7 +442,7 @@ async def test_a_stale_close_after_an_outage_leaves_a_newer_opening_alone(
                 within=2,
             )
             with pytest.raises(ConnectionRefusedError):
-                await first.breaker.call(refused)
+                await call_through(first.breaker, refused)
             await wait_until(lambda: second.breaker.state == "open", within=1)
             server.stop()
             await wait_until(lambda: not coordinator_of(first).snapshot()["connected"], 3)
@@ -443,7 +454,7 @@ async def test_a_stale_close_after_an_outage_leaves_a_newer_opening_alone(
             assert trial is not None
             await anyio.sleep(0.35)
             with pytest.raises(ConnectionRefusedError):
-                await second.breaker.call(refused)
+                await call_through(second.breaker, refused)
             assert second.breaker.state == "open"
             server.start()  # empty: only the second is there to tell it of its opening
             with anyio.fail_after(5):

@@ -621,7 +621,7 @@ def test_policy_decorator_rejects_what_it_cannot_mark() -> None:
 
 
 def test_error_body_never_carries_more_than_error_and_retry_after() -> None:
-    from guardrails.asgi.middleware import error_response
+    from guardrails.asgi.refusal import error_response
 
     headers, body = error_response("overloaded", 3)
     assert json.loads(body) == {"error": "overloaded", "retry_after": 3}

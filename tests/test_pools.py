@@ -27,6 +27,7 @@ from starlette.routing import Route
 import guardrails as gr
 from guardrails import context
 from guardrails.errors import ErrorKind, classify
+from guardrails.outcome import Outcome
 from guardrails.pools import NO_REQUEST, LeakSuspect, PoolWatcher, request_finished, watch
 
 pytestmark = pytest.mark.anyio
@@ -380,7 +381,7 @@ async def test_connection_held_past_the_threshold_is_reported_once(
     pool = await make_pool(2)
     sink = RecordingSink()
     watcher = watch(pool.target, sink=sink, leak_threshold=0.2, name="primary")
-    token = context.enter(context.CallContext("/leaky/{id}"))
+    token = context.enter(context.CallContext("/leaky/{id}", Outcome(gr.Guardrails(concurrency=1))))
     try:
         with caplog.at_level(logging.WARNING, logger="guardrails.pools"):
             conn = await pool.take()
@@ -426,7 +427,7 @@ async def test_connection_left_out_after_the_response_is_a_suspect(make_pool: Ma
     pool = await make_pool(2)
     sink = RecordingSink()
     watcher = watch(pool.target, sink=sink)  # default threshold: 30 s, not reached here
-    ctx = context.CallContext("/items/{id}")
+    ctx = context.CallContext("/items/{id}", Outcome(gr.Guardrails(concurrency=1)))
     token = context.enter(ctx)
     try:
         await pool.hold(0)  # given back properly: not a suspect

@@ -84,10 +84,26 @@ class HealthEndpoint:
         """Readiness view: 503 while the report's status is ``fail``."""
         return HealthEndpoint(self.guard, fail_on=self.fail_on, view="ready")
 
+    def judge(self, snapshot: dict[str, Any]) -> tuple[str, list[str]]:
+        """The status (``pass`` | ``warn`` | ``fail``) of a guard's snapshot, and the
+        ``fail_on`` conditions that hold; the one place the status is decided."""
+        failing = [name for name in self.fail_on if FAIL_CONDITIONS[name](snapshot)]
+        if failing:
+            return "fail", failing
+        triage = snapshot.get("triage") or {}
+        troubled = (
+            snapshot["read_only"]["enabled"]
+            or snapshot["limiter"]["queued"]
+            or snapshot["breaker"]["state"] != "closed"
+            or snapshot.get("warnings")
+            or triage.get("kind", "none") != "none"
+        )
+        return ("warn" if troubled else "pass"), []
+
     def report(self) -> dict[str, Any]:
         """The health document as a dict (what the endpoint sends, as JSON)."""
         snapshot = self.guard.snapshot()
-        return build_report(snapshot, self.fail_on)
+        return build_report(snapshot, self.judge(snapshot))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,11 +141,10 @@ def _check(
     return [entry]
 
 
-def build_report(snapshot: dict[str, Any], fail_on: Iterable[str]) -> dict[str, Any]:
-    """Turn ``guard.snapshot()`` into the health document."""
+def build_report(snapshot: dict[str, Any], judged: tuple[str, list[str]]) -> dict[str, Any]:
+    """Turn ``guard.snapshot()`` and its :meth:`HealthEndpoint.judge` into the document."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    failing = [name for name in fail_on if FAIL_CONDITIONS[name](snapshot)]
-    status = "fail" if failing else ("warn" if snapshot["status"] != "pass" else "pass")
+    status, failing = judged
     breaker = snapshot["breaker"]
     limiter = snapshot["limiter"]
     read_only = snapshot["read_only"]

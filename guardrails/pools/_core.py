@@ -18,6 +18,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Protocol
 
 from guardrails import context
+from guardrails.context import NO_REQUEST
 from guardrails.observe.telemetry import Histogram
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
 
 logger = logging.getLogger("guardrails.pools")
 
-NO_REQUEST = "<no request>"
 """Route reported for connections checked out outside any request or guarded call."""
 
 OVER_THRESHOLD = "held longer than leak_threshold"
@@ -297,8 +297,15 @@ class PoolWatcher:
         self.counters: dict[str, int] = {}
         """Driver-specific event counters (connects, closes, invalidations...)."""
 
-    def _attach(self, adapter: Adapter) -> None:
+    def attach(self, adapter: Adapter) -> None:
+        """Read pool statistics from ``adapter`` and detach it on :meth:`close`; adapters
+        call it once, when they start watching."""
         self._adapter = adapter
+
+    @property
+    def waiting(self) -> int:
+        """Acquires under way right now (callers waiting for a connection)."""
+        return self._acquiring
 
     # -- what adapters call --------------------------------------------------------------
 
@@ -355,7 +362,7 @@ class PoolWatcher:
             suspects = self._overdue(now)
         if call is not None:
             call.checkouts[id(record)] = record
-            call.touched = True
+            call.outcome.reached_database()
         if suspects:
             self._report(suspects)
 

@@ -103,7 +103,7 @@ class _PoolAdapter:
             self.pool.__class__ = self.original
 
     def stats(self) -> dict[str, Any]:
-        return {"size": self.pool.get_max_size(), "waiting": self.watcher._acquiring}
+        return {"size": self.pool.get_max_size(), "waiting": self.watcher.waiting}
 
 
 def watch_asyncpg(
@@ -120,5 +120,5 @@ def watch_asyncpg(
     watcher = PoolWatcher("asyncpg", label, sink=sink, leak_threshold=leak_threshold)
     adapter = _PoolAdapter(pool, watcher)
     adapter.attach()
-    watcher._attach(adapter)
+    watcher.attach(adapter)
     return watcher

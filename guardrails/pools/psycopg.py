@@ -109,5 +109,5 @@ def watch_psycopg(
     watcher = PoolWatcher("psycopg", label, sink=sink, leak_threshold=leak_threshold)
     adapter = _PoolAdapter(pool)
     adapter.attach(watcher)
-    watcher._attach(adapter)
+    watcher.attach(adapter)
     return watcher

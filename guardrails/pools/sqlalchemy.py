@@ -122,7 +122,7 @@ class _EngineAdapter:
         if isinstance(pool, QueuePool):
             overflow = getattr(pool, "_max_overflow", 0)
             size = pool.size() + overflow if overflow >= 0 else None
-        return {"size": size, "waiting": self.watcher._acquiring}
+        return {"size": size, "waiting": self.watcher.waiting}
 
 
 def watch_engine(
@@ -140,6 +140,6 @@ def watch_engine(
     watcher = PoolWatcher("sqlalchemy", label, sink=sink, leak_threshold=leak_threshold)
     adapter = _EngineAdapter(sync_engine, watcher)
     adapter.attach()
-    watcher._attach(adapter)
+    watcher.attach(adapter)
     setattr(sync_engine, _MARK, watcher)
     return watcher

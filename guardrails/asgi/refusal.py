@@ -1,0 +1,142 @@
+"""Refusals: the small 503 (or the app's own) that guardrails answers instead of running
+a request, in JSON or, for browsers, a friendly HTML page.
+
+Deliberately tiny and fixed: no exception text, driver message or DSN can get in, and
+every refusal carries an integer ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Scope, Send
+
+__all__ = ["Refusal", "Refusals", "error_response", "html_error_response", "prefers_html"]
+
+logger = logging.getLogger("guardrails")
+
+Headers = list[tuple[bytes, bytes]]
+ErrorResponseFactory = Callable[[Request, str, int], "Response | None"]
+
+
+class Refusal(NamedTuple):
+    """Why a request is not run: what the client sees, what telemetry counts."""
+
+    error: str
+    """The client-facing error: ``overloaded``, ``unavailable``, ``read_only``, ``timeout``."""
+    reason: str
+    """What telemetry counts it as (``queue_full``, ``breaker_open``, ``outage``...)."""
+    retry_after: int
+    """Whole seconds the client should wait."""
+
+
+def error_response(error: str, retry_after: int) -> tuple[Headers, bytes]:
+    """Headers and body of a 503 that tells the client what happened and when to retry."""
+    body = json.dumps({"error": error, "retry_after": retry_after}).encode()
+    return _headers(b"application/json", body, retry_after), body
+
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 32em; margin: 4em auto">
+<h1>{title}</h1><p>{text} Please try again in {retry_after} {unit}.</p></body></html>
+"""
+_HTML_TEXT = {
+    "read_only": ("Read-only for a moment", "Changes cannot be saved right now."),
+    "unavailable": ("Temporarily unavailable", "We cannot reach our database right now."),
+    "timeout": ("Taking too long", "This page took too long to prepare."),
+}
+
+
+def html_error_response(error: str, retry_after: int) -> tuple[Headers, bytes]:
+    """A small friendly HTML page for browsers: busy, try again in N seconds."""
+    title, text = _HTML_TEXT.get(error, ("Temporarily busy", "We are busy right now."))
+    unit = "second" if retry_after == 1 else "seconds"
+    body = _HTML.format(title=title, text=text, retry_after=retry_after, unit=unit).encode()
+    return _headers(b"text/html; charset=utf-8", body, retry_after), body
+
+
+def _headers(content_type: bytes, body: bytes, retry_after: int) -> Headers:
+    return [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+
+
+def prefers_html(scope: Scope) -> bool:
+    """Whether the client's Accept ranks text/html above application/json."""
+    accept = b""
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            accept = value
+            break
+    if b"text/html" not in accept:
+        return False
+    html = json_q = 0.0
+    for item in accept.decode("latin-1").split(","):
+        media, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.strip().lower()
+        if media == "text/html":
+            html = max(html, q)
+        elif media == "application/json":
+            json_q = max(json_q, q)
+    return html > json_q
+
+
+class Refusals:
+    """Sends refusals for one middleware: the app's factory if it has one, else ours."""
+
+    def __init__(self, factory: ErrorResponseFactory | None) -> None:
+        self.factory = factory
+        self._built: dict[tuple[str, int], tuple[Headers, bytes]] = {}
+
+    async def send(self, scope: Scope, send: Send, error: str, retry_after: int) -> None:
+        """Send the 503 for ``error``."""
+        if self.factory is not None:
+            custom = self._custom(scope, error, retry_after)
+            if custom is not None:
+                await custom(scope, _no_body, send)
+                return
+        if prefers_html(scope):
+            headers, body = html_error_response(error, retry_after)
+        else:
+            key = (error, retry_after)
+            built = self._built.get(key)
+            if built is None:
+                built = self._built[key] = error_response(error, retry_after)
+            headers, body = built
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _custom(self, scope: Scope, error: str, retry_after: int) -> Response | None:
+        assert self.factory is not None
+        try:
+            response = self.factory(Request(scope), error, retry_after)
+        except Exception:
+            logger.exception("error_response factory failed; sending the default 503")
+            return None
+        if response is None:
+            return None
+        # Whatever the factory built, the client always gets an integer Retry-After.
+        response.headers["retry-after"] = str(retry_after)
+        return response
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}

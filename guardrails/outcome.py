@@ -1,0 +1,143 @@
+"""What one request (or one guarded call outside a request) proved about the database.
+
+Every record or release of the breaker for a request goes through its
+:class:`Outcome`, so each failure counts once, a half-open trial is decided or given
+back exactly once, and a pool timeout the app caught itself still counts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from guardrails.breaker import Trial
+from guardrails.errors import ErrorKind, GuardrailsError, in_chain
+
+if TYPE_CHECKING:
+    from guardrails.guard import Guardrails
+
+__all__ = ["Outcome"]
+
+
+class Outcome:
+    """The breaker bookkeeping of one request: its trial, failures, pool timeouts.
+
+    - ``trial``: the half-open trial the request holds, if any;
+    - ``recorded``: whether a verdict reached the breaker already (a guarded call's);
+    - ``failure``: the last exception recorded, so the same one never counts twice;
+    - ``pool_timeout``: a watched pool's timeout not yet recorded;
+    - ``reached``: whether a watched pool handed the request a connection.
+
+    :meth:`finish`, :meth:`fail` and :meth:`abandon` end it; each is safe to call
+    twice, and after one of them the others do nothing more.
+    """
+
+    __slots__ = ("failure", "finished", "guard", "pool_timeout", "reached", "recorded", "trial")
+
+    def __init__(self, guard: Guardrails, trial: Trial | None = None) -> None:
+        self.guard = guard
+        self.trial = trial
+        self.recorded = False
+        self.failure: BaseException | None = None
+        self.pool_timeout: BaseException | None = None
+        self.reached = False
+        self.finished = False
+
+    # -- what pool watchers report -------------------------------------------------------
+
+    def reached_database(self) -> None:
+        """A watched pool handed this request a connection."""
+        self.reached = True
+
+    def pool_timed_out(self, exc: BaseException) -> None:
+        """A watched pool gave up on this request: recorded once, when it ends."""
+        self.pool_timeout = exc
+
+    # -- guarded calls (guard.read / guard.write) ----------------------------------------
+
+    def begin_call(self) -> Trial | None:
+        """Admit one guarded call: it is the request's trial if the request holds one."""
+        held = self.trial
+        if held is not None and not held.done:
+            return held
+        return self.guard.breaker.admit()
+
+    def call_failed(self, trial: Trial | None, exc: BaseException) -> None:
+        """A guarded call admitted with ``trial`` raised ``exc``: record it, once."""
+        pending = self.pool_timeout
+        if pending is not None and in_chain(exc, pending):
+            self.pool_timeout = None
+        self.guard.breaker.record(trial, exc)
+        self.recorded = True
+        self.failure = exc
+        self.guard.note_failure(exc)
+
+    def call_succeeded(self, trial: Trial | None) -> None:
+        """A guarded call returned; a pool timeout it caught itself is still an outage."""
+        pending, self.pool_timeout = self.pool_timeout, None
+        self.guard.breaker.record(trial, pending)
+        self.recorded = True
+
+    # -- how the request ends ------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> ErrorKind:
+        """The request ended with ``exc`` from the app; returns its kind.
+
+        A failure a guarded call already recorded is not counted again. The app's own
+        error proves the database answered only when the request reached it and
+        nothing else in the request said otherwise.
+        """
+        guard = self.guard
+        kind = guard.classify(exc)
+        if self.finished:
+            return kind
+        failure = self.failure
+        counted = (failure is not None and in_chain(exc, failure)) or (
+            self.recorded and isinstance(exc, GuardrailsError)
+        )
+        if not counted:
+            pending = self.pool_timeout
+            if pending is not None and in_chain(exc, pending):
+                pending = self.pool_timeout = None
+            if kind is ErrorKind.OUTAGE or (self._proves() and not self.recorded and not pending):
+                guard.breaker.record(self._live(), exc)
+            guard.note_failure(exc)
+            self.failure = exc
+        self.recorded = True
+        self.finish()
+        return kind
+
+    def abandon(self) -> None:
+        """The request ended without a verdict (cancelled, past its deadline, refused).
+
+        The trial goes back undecided; a pool timeout seen on the way still counts.
+        """
+        self.recorded = True
+        self.finish()
+
+    def finish(self) -> None:
+        """Tell the breaker what the request proved, and give back what it holds."""
+        if self.finished:
+            return
+        self.finished = True
+        breaker = self.guard.breaker
+        live = self._live()
+        pending, self.pool_timeout = self.pool_timeout, None
+        if pending is not None:
+            if live is not None:
+                breaker.record(live, pending)
+            else:
+                breaker.record_outage(pending)
+        elif not self.recorded and (live is not None or breaker.counting):
+            if self._proves():
+                breaker.record(live)
+            else:
+                breaker.record_unproven(live)
+        breaker.release(self.trial)
+
+    def _live(self) -> Trial | None:
+        trial = self.trial
+        return trial if trial is not None and not trial.done else None
+
+    def _proves(self) -> bool:
+        # With a watched pool, only a request that got a connection proves anything.
+        return self.reached or not self.guard.watching
