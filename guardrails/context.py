@@ -11,7 +11,11 @@ from __future__ import annotations
 from contextvars import ContextVar, Token
 from typing import Any
 
-__all__ = ["CallContext", "current", "enter", "leave", "var"]
+__all__ = ["NO_REQUEST", "CallContext", "current", "enter", "leave", "var"]
+
+NO_REQUEST = "<no request>"
+"""Route reported for work outside any request (jobs, startup): guarded calls made
+there, and connections checked out there."""
 
 
 class CallContext:

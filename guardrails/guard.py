@@ -24,6 +24,7 @@ from guardrails import context
 from guardrails.asgi.health import FAIL_CONDITIONS, HealthEndpoint
 from guardrails.breaker import Breaker, BreakerSettings, Trial
 from guardrails.budget import ConnectionBudget
+from guardrails.context import NO_REQUEST
 from guardrails.errors import (
     ErrorKind,
     GuardrailsError,
@@ -46,6 +47,7 @@ from guardrails.observe.triage import (
     refused_as_too_many,
 )
 from guardrails.policy import Policy, RouteResolver
+from guardrails.pools import checked_threshold
 from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
 
 __all__ = ["Guardrails"]
@@ -76,9 +78,6 @@ ErrorResponseFactory = Callable[[Request, str, int], "Response | None"]
 
 _SAMPLE_INTERVAL = 1.0
 _SAMPLES_KEPT = 600
-
-NO_REQUEST = "<no request>"
-"""Route reported for guarded calls made outside any request (jobs, startup)."""
 
 
 class Guardrails:
@@ -164,16 +163,7 @@ class Guardrails:
             self.retry_settings.budget_window,
             self.retry_settings.budget_min_retries,
         )
-        if leak_threshold is not None and (
-            isinstance(leak_threshold, bool)
-            or not isinstance(leak_threshold, int | float)
-            or not leak_threshold > 0
-        ):
-            raise ValueError(
-                f"leak_threshold must be a positive number of seconds or None (off), "
-                f"not {leak_threshold!r}"
-            )
-        self.leak_threshold = leak_threshold
+        self.leak_threshold = checked_threshold(leak_threshold)
         self._watchers: list[Any] = []
         if cache is not None and not all(
             callable(getattr(cache, name, None)) for name in ("get", "set", "delete")

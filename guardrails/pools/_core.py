@@ -18,6 +18,7 @@ from types import CodeType, FrameType, TracebackType
 from typing import Any, Protocol
 
 from guardrails import context
+from guardrails.context import NO_REQUEST
 from guardrails.observe.stats import percentile
 from guardrails.observe.telemetry import Histogram
 
@@ -32,9 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("guardrails.pools")
-
-NO_REQUEST = "<no request>"
-"""Route reported for connections checked out outside any request or guarded call."""
 
 OVER_THRESHOLD = "held longer than leak_threshold"
 AFTER_RESPONSE = "still checked out after the response finished"
