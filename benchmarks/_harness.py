@@ -26,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from guardrails.observe.stats import percentile  # the parts use it as h.percentile
+
 HOST = "127.0.0.1"  # loopback only: nothing here listens on or sends to anything else
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -39,14 +41,6 @@ CAPACITY = POOL_SIZE / QUERY_SECONDS
 
 
 # -- statistics -------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (``fraction`` in 0..1); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 def ms(seconds: float) -> str:

@@ -16,7 +16,8 @@ from guardrails.outcome import Outcome
 __all__ = ["NO_REQUEST", "CallContext", "current", "enter", "leave"]
 
 NO_REQUEST = "<no request>"
-"""Route reported for guarded calls made outside any request (jobs, startup)."""
+"""Route reported for work outside any request (jobs, startup): guarded calls made
+there, and connections checked out there."""
 
 
 class CallContext:

@@ -32,6 +32,7 @@ from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import Diagnosis, EarlyWarning, Sample, Warning_, refused_as_too_many
 from guardrails.outcome import Outcome
 from guardrails.policy import Policy
+from guardrails.pools import checked_threshold
 from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
 from guardrails.routing import RouteResolver
 
@@ -145,16 +146,7 @@ class Guardrails:
             self.retry_settings.budget_window,
             self.retry_settings.budget_min_retries,
         )
-        if leak_threshold is not None and (
-            isinstance(leak_threshold, bool)
-            or not isinstance(leak_threshold, int | float)
-            or not leak_threshold > 0
-        ):
-            raise ValueError(
-                f"leak_threshold must be a positive number of seconds or None (off), "
-                f"not {leak_threshold!r}"
-            )
-        self.leak_threshold = leak_threshold
+        self.leak_threshold = checked_threshold(leak_threshold)
         self._watchers: list[Any] = []
         if cache is not None and not all(
             callable(getattr(cache, name, None)) for name in ("get", "set", "delete")

@@ -151,6 +151,18 @@ def test_reference_reader_sees_a_wrong_default() -> None:
         doc_value("`__import__('os')`")
 
 
+def test_api_reference_renders_every_public_name() -> None:
+    import guardrails.prometheus
+
+    page = (DOCS / "reference" / "api.md").read_text()
+    rendered = re.findall(r"^::: guardrails\.([\w.]+)$", page, re.MULTILINE)
+    assert len(rendered) == len(set(rendered)), "a name is rendered twice"
+    assert {name for name in rendered if "." not in name} == set(gr.__all__)
+    assert {name for name in rendered if "." in name} == {
+        f"prometheus.{name}" for name in guardrails.prometheus.__all__
+    }
+
+
 def python_blocks(page: Path) -> list[tuple[int, str]]:
     """The ```python blocks of a page, with the line each starts on."""
     blocks: list[tuple[int, str]] = []

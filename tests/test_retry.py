@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from tenacity import RetryCallState
 
 import guardrails as gr
-from guardrails.retry import RetryBudget, call_with_retries
+from guardrails.retry import RetryBudget, call_with_retries, retrying
 
 pytestmark = pytest.mark.anyio
 
@@ -74,12 +75,32 @@ async def test_at_most_attempts_tries_then_the_last_error() -> None:
 async def test_no_sleep_runs_past_the_time_left() -> None:
     settings = gr.RetrySettings(attempts=10, base_delay=0.2, max_delay=0.2)
     flaky = Flaky(*[ConnectionResetError() for _ in range(10)])
-    started = anyio.current_time()
+    slept: list[tuple[float, float]] = []
+
+    def note(state: RetryCallState) -> None:
+        assert state.seconds_since_start is not None
+        slept.append((state.seconds_since_start, state.upcoming_sleep))
+
+    async def read() -> None:
+        retries = budget(settings)
+        async for attempt in retrying(settings, retries, classify, time_left=0.05, on_retry=note):
+            with attempt:
+                await flaky()
+
     with pytest.raises(ConnectionResetError):
-        await call_with_retries(flaky, settings, budget(settings), classify, time_left=0.05)
-    # Full jitter draws sleeps in [0, 0.2]; any sleep that would end past 0.05 s is not taken.
-    assert anyio.current_time() - started < 0.05 + 0.03
+        await read()
+    # Full jitter draws sleeps in [0, 0.2]; a sleep that would end past 0.05 s after the
+    # first try is not taken: the last error is raised instead.
+    assert len(slept) == flaky.calls - 1  # one sleep before each retry, none after the last
+    assert all(since + sleep < 0.05 for since, sleep in slept)
     assert 0 < flaky.calls < 10
+
+
+async def test_no_time_left_makes_the_first_error_final() -> None:
+    flaky = Flaky(ConnectionResetError(), ConnectionResetError())
+    with pytest.raises(ConnectionResetError):
+        await call_with_retries(flaky, FAST, budget(), classify, time_left=0)
+    assert flaky.calls == 1
 
 
 async def test_cancellation_is_never_retried() -> None:

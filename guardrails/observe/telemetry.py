@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from guardrails.observe.stats import percentile
+
 __all__ = ["WAIT_BUCKETS", "Histogram", "LoggingSink", "Telemetry"]
 
 logger = logging.getLogger("guardrails")
@@ -72,12 +74,10 @@ class Histogram:
         return [value for at, value in self._recent if at >= cutoff]
 
     def recent_quantile(self, q: float, within: float, now: float | None = None) -> float | None:
-        """The ``q`` quantile of observations from the last ``within`` seconds, if any."""
-        cutoff = (time.monotonic() if now is None else now) - within
-        values = sorted(value for at, value in self._recent if at >= cutoff)
-        if not values:
-            return None
-        return values[min(len(values) - 1, int(q * len(values)))]
+        """The ``q`` quantile (nearest rank, see :mod:`guardrails.observe.stats`) of
+        observations from the last ``within`` seconds, if any."""
+        values = self.recent(within, now)
+        return percentile(values, q) if values else None
 
 
 class LoggingSink:

@@ -26,10 +26,11 @@ series as well as on live ones.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from guardrails.observe.stats import rank
 
 __all__ = [
     "Diagnosis",
@@ -182,10 +183,11 @@ def queue_wait_p95(window: Sequence[Sample], recent_waits: Sequence[float]) -> f
         return None
     waits = sorted(recent_waits)
     zeros = max(0, admitted - len(waits))
-    rank = math.ceil(0.95 * (zeros + len(waits)))
-    if rank <= zeros:
+    # Nearest rank over the zeros and the waits together, without a list of the zeros.
+    at = rank(zeros + len(waits), 0.95)
+    if at <= zeros:
         return 0.0
-    return waits[min(len(waits) - 1, rank - zeros - 1)]
+    return waits[min(len(waits) - 1, at - zeros - 1)]
 
 
 def early_warnings(

@@ -33,6 +33,7 @@ __all__ = [
     "LeakSuspect",
     "PoolSink",
     "PoolWatcher",
+    "checked_threshold",
     "request_finished",
     "watch",
 ]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from guardrails import context
 from guardrails.context import NO_REQUEST
+from guardrails.observe.stats import percentile
 from guardrails.observe.telemetry import Histogram
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("guardrails.pools")
-
-"""Route reported for connections checked out outside any request or guarded call."""
 
 OVER_THRESHOLD = "held longer than leak_threshold"
 AFTER_RESPONSE = "still checked out after the response finished"
@@ -227,12 +226,6 @@ class _Checkout:
         self.route = call.route if call is not None else NO_REQUEST
         self.frames = frames
         self.reported = False
-
-
-def _percentile(ordered: list[float], fraction: float) -> float:
-    # Nearest rank: the smallest sample with at least `fraction` of them at or below it.
-    rank = max(1, -(-len(ordered) * fraction // 1))
-    return ordered[int(rank) - 1]
 
 
 class Acquiring:
@@ -471,8 +464,8 @@ class PoolWatcher:
                 "waiting": stats.pop("waiting", None),
                 "acquires_total": self.acquires_total,
                 "acquire_wait_samples": len(waits),
-                "acquire_wait_p50_seconds": _percentile(waits, 0.5) if waits else None,
-                "acquire_wait_p95_seconds": _percentile(waits, 0.95) if waits else None,
+                "acquire_wait_p50_seconds": percentile(waits, 0.5) if waits else None,
+                "acquire_wait_p95_seconds": percentile(waits, 0.95) if waits else None,
                 "acquire_wait_max_seconds": waits[-1] if waits else None,
                 "acquire_wait_histogram": histogram,
                 "timeouts_total": self.timeouts_total,

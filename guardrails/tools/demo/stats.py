@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from guardrails.observe.stats import percentile
 from guardrails.tools.demo.load import Outcome
 
 __all__ = ["RunStats", "percentile", "summarize"]
@@ -108,16 +109,8 @@ class RunStats:
         return int(self.breaker_transitions.get("open", 0))
 
 
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of already sorted values (``fraction`` in 0..1)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def _ms(values: list[float], fraction: float) -> float | None:
-    return percentile(sorted(values), fraction) * 1000 if values else None
+    return percentile(values, fraction) * 1000 if values else None
 
 
 def summarize(
