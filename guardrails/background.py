@@ -30,6 +30,7 @@ class Background:
 
     def __init__(self, jobs: Callable[[], Sequence[Job]]) -> None:
         self._jobs = jobs
+        self._extra: list[Job] = []
         self._group: TaskGroup | None = None
         self._lazy: list[asyncio.Task[Any]] = []
         self._given_up = False
@@ -44,7 +45,7 @@ class Background:
         await group.__aenter__()
         self._group = group
         self.started = True
-        for job in self._jobs():
+        for job in self.jobs():
             group.start_soon(job)
         return self
 
@@ -54,6 +55,20 @@ class Background:
         if group is not None:
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
+
+    def jobs(self) -> list[Job]:
+        """Every job: the guard's own and those added with :meth:`add`."""
+        return [*self._jobs(), *self._extra]
+
+    def add(self, job: Job) -> None:
+        """Run ``job`` too (e.g. a middleware's watchdog); started now if already running."""
+        self._extra.append(job)
+        if self._group is not None:
+            self._group.start_soon(job)
+        elif self._lazy:
+            task = self._lazy[0].get_loop().create_task(job())
+            task.add_done_callback(self._lazy_ended)
+            self._lazy.append(task)
 
     def start_lazily(self) -> None:
         """Start the jobs from a request, for apps that do not wire the lifespan."""
@@ -74,7 +89,7 @@ class Background:
         # request cancels them with the rest (a task group started later would not be).
         self._lazy = [
             loop.create_task(job(), name=f"guardrails-{getattr(job, '__name__', 'job')}")
-            for job in self._jobs()
+            for job in self.jobs()
         ]
         for task in self._lazy:
             task.add_done_callback(self._lazy_ended)
@@ -94,8 +109,8 @@ class Background:
             logger.error(
                 "guardrails: background work failed and is not restarted: %s",
                 type(exc).__name__,
-                exc_info=exc,
             )
+            logger.debug("guardrails: background work failed", exc_info=exc)
         tasks, self._lazy = self._lazy, []
         self.started = False
         for other in tasks:

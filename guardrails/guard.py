@@ -350,7 +350,7 @@ class Guardrails:
         else:
             # The request or guarded call records it when it ends, once, even when the
             # app catches the timeout and answers on its own.
-            ctx.outcome.pool_timed_out(exc)
+            ctx.outcome.pool_timed_out(exc, getattr(watcher, "name", None))
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
         """Called by pool watchers for each leak suspect (on any thread): logged and sent

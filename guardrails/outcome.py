@@ -31,7 +31,16 @@ class Outcome:
     twice, and after one of them the others do nothing more.
     """
 
-    __slots__ = ("failure", "finished", "guard", "pool_timeout", "reached", "recorded", "trial")
+    __slots__ = (
+        "failure",
+        "finished",
+        "guard",
+        "pool",
+        "pool_timeout",
+        "reached",
+        "recorded",
+        "trial",
+    )
 
     def __init__(self, guard: Guardrails, trial: Trial | None = None) -> None:
         self.guard = guard
@@ -39,6 +48,8 @@ class Outcome:
         self.recorded = False
         self.failure: BaseException | None = None
         self.pool_timeout: BaseException | None = None
+        self.pool: str | None = None
+        """The name of the watched pool that last timed out in this request, for logs."""
         self.reached = False
         self.finished = False
 
@@ -48,9 +59,11 @@ class Outcome:
         """A watched pool handed this request a connection."""
         self.reached = True
 
-    def pool_timed_out(self, exc: BaseException) -> None:
-        """A watched pool gave up on this request: recorded once, when it ends."""
+    def pool_timed_out(self, exc: BaseException, pool: str | None = None) -> None:
+        """A watched pool (named ``pool``) gave up on this request: recorded once, when
+        the request ends."""
         self.pool_timeout = exc
+        self.pool = pool
 
     # -- guarded calls (guard.read / guard.write) ----------------------------------------
 

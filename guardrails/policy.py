@@ -61,6 +61,14 @@ class Policy:
     """Cache key for requests carrying Authorization or Cookie (None: do not cache)."""
     on_unavailable: OnUnavailable | Literal["stale", "reject"] = OnUnavailable.STALE
     """Fallback when the database cannot serve: ``"stale"`` or ``"reject"``."""
+    max_body: int | None = 1 << 20
+    """Largest request body in bytes, read in full before a slot is taken (bigger: 413).
+    ``None`` hands the body to the app unread, for routes that stream uploads."""
+    body_timeout: float | timedelta = 10.0
+    """Seconds the client has to send the whole body before it gets 408."""
+    send_timeout: float | timedelta | None = 5.0
+    """Seconds one chunk of the response may wait for the client to read it before the
+    response is aborted and its slot goes back; ``None``: wait as long as it takes."""
 
     def __post_init__(self) -> None:
         try:
@@ -86,10 +94,25 @@ class Policy:
             raise ValueError(
                 f"max_concurrency must be a whole number >= 1 or None, not {self.max_concurrency!r}"
             )
-        for name in ("timeout", "cache_ttl", "stale_ttl"):
+        for name in ("timeout", "cache_ttl", "stale_ttl", "send_timeout"):
             object.__setattr__(self, name, _optional_seconds(getattr(self, name), name))
         if self.timeout == 0:
             raise ValueError("timeout must be > 0 seconds, or None for no deadline")
+        if self.send_timeout == 0:
+            raise ValueError("send_timeout must be > 0 seconds, or None to wait for the client")
+        body_timeout = seconds(self.body_timeout, "body_timeout")
+        if not body_timeout > 0:
+            raise ValueError(f"body_timeout must be > 0 seconds, not {body_timeout!r}")
+        object.__setattr__(self, "body_timeout", body_timeout)
+        if self.max_body is not None and (
+            isinstance(self.max_body, bool)
+            or not isinstance(self.max_body, int)
+            or self.max_body < 0
+        ):
+            raise ValueError(
+                f"max_body must be a whole number of bytes >= 0, or None to let the app "
+                f"stream the body, not {self.max_body!r}"
+            )
         if self.cache_key is not None and not callable(self.cache_key):
             raise TypeError(
                 f"cache_key must be a callable taking the request, not {self.cache_key!r}"

@@ -37,6 +37,12 @@ class ResolvedRoute:
     """Exempt, or not using the database: the limiter is not involved."""
     caches: bool = False
     """The policy has ``cache_ttl`` or ``stale_ttl``: responses are stored for reuse."""
+    max_body: int | None = None
+    """Bytes of request body read before a slot is taken (None: the app streams it)."""
+    body_timeout: float = 10.0
+    """Seconds the client has to send that body."""
+    send_timeout: float | None = None
+    """Seconds one response chunk may wait for the client to read it."""
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
@@ -242,4 +248,7 @@ class RouteResolver:
             timeout=chosen.timeout if isinstance(chosen.timeout, float) else None,
             bypass=chosen.exempt or not chosen.needs_db,
             caches=chosen.cache_ttl is not None or chosen.stale_ttl is not None,
+            max_body=chosen.max_body,
+            body_timeout=chosen.body_timeout if isinstance(chosen.body_timeout, float) else 10.0,
+            send_timeout=chosen.send_timeout if isinstance(chosen.send_timeout, float) else None,
         )

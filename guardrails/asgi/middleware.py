@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from guardrails.asgi.clients import ClientWatch
 from guardrails.asgi.refusal import Refusals
 from guardrails.asgi.request import GuardedRequest
 from guardrails.guard import Guardrails
@@ -47,6 +48,11 @@ class GuardrailsMiddleware:
         self.guard = guard
         self.refusals = Refusals(guard.error_response)
         """Sends the 503s (the app's ``error_response`` factory, else the default)."""
+        self.clients = ClientWatch()
+        """Requests waiting on slow clients; its watchdog runs in the guard's background."""
+        guard.background.add(self.clients.run)
+        self.warned: set[str] = set()
+        """Routes whose broken callbacks were logged already (once per route)."""
         self._resolver = guard.route_resolver()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -28,11 +28,14 @@ class Refusal(NamedTuple):
     """Why a request is not run: what the client sees, what telemetry counts."""
 
     error: str
-    """The client-facing error: ``overloaded``, ``unavailable``, ``read_only``, ``timeout``."""
+    """The client-facing error: ``overloaded``, ``unavailable``, ``read_only``, ``timeout``;
+    for the client's own fault ``body_too_large`` (413) or ``body_timeout`` (408)."""
     reason: str
     """What telemetry counts it as (``queue_full``, ``breaker_open``, ``outage``...)."""
     retry_after: int
-    """Whole seconds the client should wait."""
+    """Whole seconds the client should wait (503 only)."""
+    status: int = 503
+    """413 and 408 are the client's doing: never a stale copy, never the app's factory."""
 
 
 def error_response(error: str, retry_after: int) -> tuple[Headers, bytes]:
@@ -105,9 +108,23 @@ class Refusals:
     def __init__(self, factory: ErrorResponseFactory | None) -> None:
         self.factory = factory
         self._built: dict[tuple[str, int], tuple[Headers, bytes]] = {}
+        self._warned = False
 
-    async def send(self, scope: Scope, send: Send, error: str, retry_after: int) -> None:
-        """Send the 503 for ``error``."""
+    async def send(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        """Send the answer for ``refusal``: the 503 (or 413, 408) the client can act on."""
+        error, retry_after = refusal.error, refusal.retry_after
+        if refusal.status != 503:
+            body = json.dumps({"error": error}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            await send(
+                {"type": "http.response.start", "status": refusal.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
         if self.factory is not None:
             custom = self._custom(scope, error, retry_after)
             if custom is not None:
@@ -128,14 +145,25 @@ class Refusals:
         assert self.factory is not None
         try:
             response = self.factory(Request(scope), error, retry_after)
-        except Exception:
-            logger.exception("error_response factory failed; sending the default 503")
+        except Exception as exc:
+            self._warn(f"raised {type(exc).__name__}", exc)
             return None
         if response is None:
+            return None
+        if not isinstance(response, Response):
+            self._warn(f"returned {type(response).__name__}, not a starlette Response", None)
             return None
         # Whatever the factory built, the client always gets an integer Retry-After.
         response.headers["retry-after"] = str(retry_after)
         return response
+
+    def _warn(self, what: str, exc: BaseException | None) -> None:
+        # Once: a broken factory fails on every refusal, and an outage is many refusals.
+        if exc is not None:
+            logger.debug("error_response factory failed", exc_info=exc)
+        if not self._warned:
+            self._warned = True
+            logger.warning("error_response factory %s; sending the default 503 instead", what)
 
 
 async def _no_body() -> Message:

@@ -10,18 +10,21 @@ allocates one object besides the :class:`~guardrails.outcome.Outcome`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrails import context
+from guardrails.asgi.clients import current_task, uncancel
 from guardrails.asgi.refusal import Refusal
 from guardrails.asgi.stored import CachePlan, Capture, replay
 from guardrails.breaker import CLOSED
-from guardrails.errors import ErrorKind, Shed, Unavailable
+from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
 from guardrails.outcome import Outcome
 from guardrails.policy import OnUnavailable
@@ -41,17 +44,24 @@ class GuardedRequest(context.CallContext):
     """One request through guardrails: admission, the app call, and what it proved."""
 
     __slots__ = (
+        "aborted",
         "app",
+        "body",
         "cancel",
         "capture",
+        "client_deadline",
+        "client_error",
         "held",
         "middleware",
         "permit",
         "plan",
+        "receive",
         "resolved",
         "scope",
         "send",
+        "server_receive",
         "started",
+        "task",
     )
 
     def __init__(
@@ -73,23 +83,41 @@ class GuardedRequest(context.CallContext):
         self.held = False
         self.started = False
         self.cancel: anyio.CancelScope | None = None
+        self.receive: Receive = _nothing
+        """What the app gets as ``receive``: the body read up front, then the server's."""
+        self.server_receive: Receive = _nothing
+        self.body: bytes | None = None
+        self.task: asyncio.Task[object] | None = None
+        self.client_deadline = 0.0
+        self.client_error: BaseException | None = None
+        self.aborted = False
 
     async def handle(self, receive: Receive) -> None:
         """Run the request's whole life; see the module docstring for the order."""
         resolved = self.resolved
         store = self.middleware.guard.cache
         if resolved.caches and store is not None:
-            self.plan = CachePlan.make(self.scope, resolved.policy, store)
+            self.plan = CachePlan.make(
+                self.scope, self.route, resolved.policy, store, self.middleware.warned
+            )
             if self.plan is not None and await self._serve_fresh():
                 return
         refusal = self._refuse_write() or self._pass_breaker()
         if refusal is None:
+            refusal = await self._read_body(receive)
+        if refusal is None:
             refusal = await self._take_slot()
         if refusal is not None:
             self.outcome.abandon()
+            if not refusal.error:
+                return  # the client went away while sending its body: nobody to answer
             await self._refuse(refusal)
             return
-        await self._run_app(receive)
+        try:
+            await self._run_app()
+        finally:
+            if self.task is not None:
+                self.middleware.clients.requests.discard(self)
 
     # -- before the app -----------------------------------------------------------------
 
@@ -121,6 +149,71 @@ class GuardedRequest(context.CallContext):
         except Unavailable as exc:
             return Refusal("unavailable", "breaker_open", exc.retry_after)
         return None
+
+    async def _read_body(self, receive: Receive) -> Refusal | None:
+        # The body is read before a slot is taken: a client sending it slowly holds no
+        # database slot, and reading it needs no connection.
+        self.receive = self.server_receive = receive
+        limit = self.resolved.max_body
+        scope = self.scope
+        if limit is None or (scope["method"] in SAFE_METHODS and not _announces_body(scope)):
+            return None
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            return Refusal("body_too_large", "body_too_large", 0, 413)
+        self._watch(self.resolved.body_timeout)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return Refusal("", "client_gone", 0)
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return Refusal("body_too_large", "body_too_large", 0, 413)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self.aborted:
+                raise
+            uncancel(self.task)
+            return Refusal("body_timeout", "body_timeout", 0, 408)
+        finally:
+            self.client_deadline = 0.0
+        self.body = b"".join(chunks)
+        self.receive = self._replay_body
+        return None
+
+    async def _replay_body(self) -> Message:
+        """The app's ``receive`` once the body was read: the body, then the client's own."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        try:
+            return await self.server_receive()
+        except BaseException as exc:
+            self.client_error = exc
+            raise
+
+    def _watch(self, timeout: float) -> None:
+        """Wait on the client for at most ``timeout`` seconds from now."""
+        if self.task is None:
+            self.task = current_task()
+            if self.task is None:
+                return  # not asyncio: nothing the watchdog could cancel
+            self.middleware.clients.requests.add(self)
+        self.client_deadline = time.monotonic() + timeout
+
+    def abort(self) -> None:
+        """The client is too slow: give the slot back now and stop the request."""
+        self.aborted = True
+        self.release()
+        if self.task is not None:
+            self.task.cancel()
 
     async def _take_slot(self) -> Refusal | None:
         guard = self.middleware.guard
@@ -159,17 +252,17 @@ class GuardedRequest(context.CallContext):
 
     # -- the app ------------------------------------------------------------------------
 
-    async def _run_app(self, receive: Receive) -> None:
+    async def _run_app(self) -> None:
         if self.plan is not None:
             self.capture = self.plan.capture()
         outcome = self.outcome
         token = context.enter(self)
         try:
             if self.deadline is None:
-                await self.app(self.scope, receive, self)
+                await self.app(self.scope, self.receive, self)
             else:
                 with anyio.CancelScope(deadline=self.deadline) as self.cancel:
-                    await self.app(self.scope, receive, self)
+                    await self.app(self.scope, self.receive, self)
                 if self.cancel.cancelled_caught and not self.started:
                     # Past its deadline before it had an answer: the client gets a 503
                     # now instead of waiting on.
@@ -178,9 +271,21 @@ class GuardedRequest(context.CallContext):
                     retry_after = self.middleware.guard.limiter.retry_after
                     await self._refuse(Refusal("timeout", "timeout", retry_after))
         except Exception as exc:
-            if outcome.fail(exc) is not ErrorKind.OUTAGE or self.started:
+            if self.started or self._from_client(exc):
+                # What fails once the answer is on its way, or in talking to the client,
+                # says nothing about the database.
+                outcome.abandon()
+                raise
+            if outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
             await self._answer_outage(exc)
+        except asyncio.CancelledError:
+            outcome.abandon()
+            if not self.aborted:
+                raise
+            # The watchdog let go of a client too slow to read: the response stays cut
+            # short, the slot is back already, and the server closes the connection.
+            uncancel(self.task)
         except BaseException:
             outcome.abandon()
             raise
@@ -193,18 +298,25 @@ class GuardedRequest(context.CallContext):
             if self.checkouts:
                 request_finished(self)
 
+    def _from_client(self, exc: BaseException) -> bool:
+        client = self.client_error
+        return client is not None and in_chain(exc, client)
+
     async def _answer_outage(self, exc: Exception) -> None:
         # The database failed before the response started: a 503 the client can act
         # on, never the driver's text. The server log keeps the exception.
         guard = self.middleware.guard
         template = self.route
+        pool = self.outcome.pool
         guard.telemetry.event(
             "outage_answered",
             key=template,
             route=template,
+            pool=pool,
+            error=type(exc).__name__,
             level=logging.WARNING,
             message=f"{self.scope['method']} {template}: database unavailable "
-            f"({type(exc).__name__}), answered 503",
+            f"({type(exc).__name__}{f' from pool {pool}' if pool else ''}), answered 503",
             exc_info=exc,
         )
         self.release()
@@ -220,7 +332,16 @@ class GuardedRequest(context.CallContext):
             if self.cancel is not None:
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
-        await self.send(message)
+        timeout = self.resolved.send_timeout
+        if timeout is not None:
+            self._watch(timeout)
+        try:
+            await self.send(message)
+        except BaseException as exc:
+            self.client_error = exc  # a hang-up is the client's, never the database's
+            raise
+        finally:
+            self.client_deadline = 0.0
         if (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
             "more_body", False
         ):
@@ -250,14 +371,37 @@ class GuardedRequest(context.CallContext):
         telemetry.count_shed(refusal.reason, template)
         policy = self.resolved.policy
         plan = self.plan
-        if plan is not None and policy.on_unavailable is OnUnavailable.STALE:
+        if (
+            refusal.status == 503
+            and plan is not None
+            and policy.on_unavailable is OnUnavailable.STALE
+        ):
             stale = await plan.lookup(policy.stale_ttl)  # type: ignore[arg-type]
             if stale is not None:
                 telemetry.count_fallback("stale", template)
                 await replay(self.send, stale, b"stale")
                 return
-        if policy.stale_ttl is not None:
+        if refusal.status == 503 and policy.stale_ttl is not None:
             telemetry.count_fallback("rejected", template)
-        await self.middleware.refusals.send(
-            self.scope, self.send, refusal.error, refusal.retry_after
-        )
+        await self.middleware.refusals.send(self.scope, self.send, refusal)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _announces_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+            return True
+    return False
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

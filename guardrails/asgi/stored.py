@@ -21,6 +21,15 @@ logger = logging.getLogger("guardrails")
 _DEFAULT_ENTRY_LIMIT = 1 << 20
 
 
+def _warn_once(warned: set[str], route: str, what: str, exc: BaseException | None) -> None:
+    # Once per route: a broken callback fails on every request to it.
+    if exc is not None:
+        logger.debug("cache_key of %s failed", route, exc_info=exc)
+    if route not in warned:
+        warned.add(route)
+        logger.warning("cache_key of %s %s; its requests are not cached", route, what)
+
+
 class CachePlan:
     """How one request reads and writes the response store (only for caching routes)."""
 
@@ -40,14 +49,23 @@ class CachePlan:
         """Largest body copied for storing; a bigger one passes through uncopied."""
 
     @classmethod
-    def make(cls, scope: Scope, policy: Policy, store: ResponseStore) -> CachePlan | None:
-        """The plan for a request, or None when it may not be cached or served a copy."""
+    def make(
+        cls, scope: Scope, route: str, policy: Policy, store: ResponseStore, warned: set[str]
+    ) -> CachePlan | None:
+        """The plan for a request, or None when it may not be cached or served a copy.
+
+        A ``cache_key`` that fails or returns something else than a str or None is
+        logged once per route (in ``warned``) and the request goes on uncached.
+        """
         user_key = None
         if policy.cache_key is not None:
             try:
                 user_key = policy.cache_key(Request(scope))
-            except Exception:
-                logger.exception("cache_key of %s failed; the request is not cached", policy)
+            except Exception as exc:
+                _warn_once(warned, route, f"raised {type(exc).__name__}", exc)
+                return None
+            if user_key is not None and not isinstance(user_key, str):
+                _warn_once(warned, route, f"returned {type(user_key).__name__}, not a str", None)
                 return None
         if not cache.request_cacheable(scope["method"], scope["headers"], user_key is not None):
             return None

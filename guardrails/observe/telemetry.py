@@ -115,13 +115,11 @@ class LoggingSink:
             for name, value in fields.items()
             if name not in ("exc_info", "level", "message", "logged")
         }
-        self.log.log(
-            level,
-            "%s",
-            message,
-            exc_info=exc_info,
-            extra={"guardrails": {"event": event, **record}},
-        )
+        self.log.log(level, "%s", message, extra={"guardrails": {"event": event, **record}})
+        if exc_info is not None:
+            # A driver's text can carry SQL parameters (user data): the traceback is
+            # kept for DEBUG, the record above names only the exception's type.
+            self.log.debug("%s: traceback", event, exc_info=exc_info)
 
 
 class Telemetry:

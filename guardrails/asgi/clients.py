@@ -1,0 +1,70 @@
+"""Slow clients: a request waiting on its client past its timeout is aborted, so a
+client that sends its body a byte at a time, or stops reading the response, cannot
+hold a database slot.
+
+A cancel scope around every wait would cost more than the rest of the hot path, so a
+request only notes when it starts and stops waiting on its client; one watchdog in the
+guard's background work looks every :data:`CHECK_INTERVAL` seconds and aborts the
+requests past their deadline (by cancelling their task: asyncio servers only, such
+as uvicorn; under trio the timeouts are not enforced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import anyio
+
+__all__ = ["CHECK_INTERVAL", "ClientWatch", "Watched", "current_task", "uncancel"]
+
+CHECK_INTERVAL = 0.25
+"""Seconds between two looks; a slow client is let go at most this late."""
+
+
+class Watched(Protocol):
+    """A request that may wait on its client."""
+
+    client_deadline: float
+    """``time.monotonic()`` by which the client must have answered; 0 while not waiting."""
+
+    def abort(self) -> None:
+        """Stop the request: its client is too slow."""
+
+
+class ClientWatch:
+    """The requests that wait on their clients, and the watchdog that lets go of them."""
+
+    def __init__(self) -> None:
+        self.requests: set[Watched] = set()
+        self.aborted_total = 0
+        """Requests aborted because their client was too slow."""
+
+    async def run(self) -> None:
+        """Abort every request past its client deadline, every CHECK_INTERVAL, forever."""
+        while True:
+            await anyio.sleep(CHECK_INTERVAL)
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        """Abort the requests whose client deadline is before ``now``."""
+        for request in [r for r in self.requests if 0 < r.client_deadline < now]:
+            self.requests.discard(request)
+            self.aborted_total += 1
+            request.abort()
+
+
+def current_task() -> asyncio.Task[object] | None:
+    """The running asyncio task, or None (not asyncio): what the watchdog can cancel."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def uncancel(task: asyncio.Task[object] | None) -> None:
+    """Undo the watchdog's cancellation once it has been handled (Python 3.11+)."""
+    undo = getattr(task, "uncancel", None)
+    if undo is not None:
+        undo()
