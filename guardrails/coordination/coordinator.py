@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from guardrails._redis import Outage, check_url, connect, require, where
 from guardrails.breaker import CLOSED, HALF_OPEN, OPEN
 from guardrails.budget import ConnectionBudget
 from guardrails.limiter import seconds
@@ -137,18 +137,6 @@ return 1
 """
 
 
-def _redis_available() -> bool:
-    return importlib.util.find_spec("redis") is not None
-
-
-def _where(url: str) -> str:
-    """``host:port`` of a Redis URL, for logs: never the password."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path or "unix socket"
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-
-
 class RedisCoordinator:
     """Shares one connection budget and one breaker among every process using the same Redis.
 
@@ -200,11 +188,8 @@ class RedisCoordinator:
                 "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, "
                 f"unix://), not one with scheme {urlsplit(url).scheme!r}"
             )
-        if not _redis_available():
-            raise ImportError(
-                "RedisCoordinator needs the redis client: pip install 'asgi-guardrails[redis]'"
-            )
-        _check_url(url)
+        require("RedisCoordinator")
+        check_url(url)
         self.url = url
         if budget is not None and not isinstance(budget, ConnectionBudget):
             _check_slots(budget, "budget", "the number of slots all processes share")
@@ -267,6 +252,7 @@ class RedisCoordinator:
         self._fair = 0
         self._contended = False
         self._next_call = 0.0
+        self._outage = Outage(_RETRY_INTERVAL)
         self._last_call = -math.inf
         self._lease_until = 0.0
         self._opening: str | None = None
@@ -375,7 +361,7 @@ class RedisCoordinator:
             mode = "starting"
         return {
             "kind": "redis",
-            "redis": _where(self.url),
+            "redis": where(self.url),
             "name": self.name,
             "process": self.process_id,
             "mode": mode,
@@ -408,7 +394,7 @@ class RedisCoordinator:
         """Create the client and its scripts (no I/O): a failure here is an outage too."""
         if self._client is not None:
             return
-        client = self._make_client()
+        client = connect(self.url, self.timeout)
         self._scripts = {
             key: client.register_script(source)
             for key, source in (
@@ -419,21 +405,6 @@ class RedisCoordinator:
             )
         }
         self._client = client
-
-    def _make_client(self) -> Any:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No client-side retries: the loop retries on its own schedule, and a retry
-        # hidden in the client would stretch a call past ``timeout``.
-        return Redis.from_url(
-            self.url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
 
     async def _bounded(self, call: Awaitable[T]) -> T:
         return await asyncio.wait_for(call, self.timeout)
@@ -459,7 +430,7 @@ class RedisCoordinator:
                     or now >= self._lease_until - self.timeout
                 )
             else:
-                due = now >= self._next_call
+                due = self._outage.ready()
             if self._local:
                 self._fall_back(guard)
             if due:
@@ -525,6 +496,7 @@ class RedisCoordinator:
         if self._closing:
             return  # closed meanwhile: aclose gives the lease back
         self._retrying = False
+        self._outage.succeeded()
         self._held = record
         self._want = want
         self._peak = 0
@@ -550,12 +522,12 @@ class RedisCoordinator:
             # One lost reply is often a stall, not an outage, and our lease stands:
             # ask once more soon before going local.
             self._retrying = True
-            self._next_call = time.monotonic() + _MIN_GAP
+            self._outage.failed(_MIN_GAP)
             return
         self._lost(guard, exc)
 
     def _lost(self, guard: Guardrails, exc: BaseException) -> None:
-        self._next_call = time.monotonic() + _RETRY_INTERVAL
+        self._outage.failed()
         self._retrying = False
         if self._closing:
             return
@@ -564,9 +536,9 @@ class RedisCoordinator:
                 "coordinator",
                 transition=True,
                 connected=False,
-                redis=_where(self.url),
+                redis=where(self.url),
                 level=logging.WARNING,
-                message=f"Redis at {_where(self.url)} unreachable ({type(exc).__name__}): "
+                message=f"Redis at {where(self.url)} unreachable ({type(exc).__name__}): "
                 f"the local breaker, and {self.per_process} local slots once its lease runs "
                 "out, until Redis answers",
             )
@@ -598,9 +570,9 @@ class RedisCoordinator:
             "coordinator",
             transition=True,
             connected=True,
-            redis=_where(self.url),
+            redis=where(self.url),
             level=logging.INFO,
-            message=f"Redis at {_where(self.url)} answers again: sharing a budget of "
+            message=f"Redis at {where(self.url)} answers again: sharing a budget of "
             f"{self.budget} slots",
         )
 
@@ -752,24 +724,6 @@ class RedisCoordinator:
 
 def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _check_url(url: str) -> None:
-    """Parse ``url`` as the redis client will (no I/O), so a typo fails at startup."""
-    from redis.asyncio.connection import parse_url
-
-    example = "such as 'redis://127.0.0.1:6379/0'"
-    try:
-        parse_url(url)
-    except ValueError as exc:
-        # The client's message names the bad part (port, option), never the password.
-        raise ValueError(f"url is not a valid Redis URL ({exc}): give one {example}") from None
-    parts = urlsplit(url)
-    db = parts.path.lstrip("/")
-    if parts.scheme != "unix" and db and not db.isdigit():
-        raise ValueError(
-            f"url must end with a database number, e.g. /0, not /{db}: give one {example}"
-        )
 
 
 def _check_slots(value: object, name: str, hint: str) -> None:

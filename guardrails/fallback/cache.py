@@ -65,6 +65,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+from guardrails._redis import Outage, connect, require, where
+from guardrails.limiter import seconds
+
 __all__ = [
     "CachedResponse",
     "MemoryCache",
@@ -409,24 +412,18 @@ class RedisCache:
         timeout: float | timedelta = 0.1,
         retry_interval: float | timedelta = 1.0,
     ) -> None:
-        from guardrails.coordination.coordinator import _redis_available, _where
-        from guardrails.limiter import seconds
-
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, unix://)"
             )
-        if not _redis_available():
-            raise ImportError(
-                "RedisCache needs the redis client: pip install 'asgi-guardrails[redis]'"
-            )
+        require("RedisCache")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(
                 f"prefix must be a non-empty string such as 'myapp:cache:', not {prefix!r}"
             )
         self.url = url
         self.prefix = prefix
-        self._where = _where(url)
+        self._where = where(url)
         self._max_entry_bytes = _positive_int(
             max_entry_bytes, "max_entry_bytes", "largest response kept, e.g. 2**20"
         )
@@ -436,8 +433,7 @@ class RedisCache:
         self.retry_interval = seconds(retry_interval, "retry_interval")
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._down_until = 0.0
-        self._failing = False
+        self._outage = Outage(self.retry_interval)
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -456,32 +452,20 @@ class RedisCache:
         if self._client is None or self._loop is not loop:
             if self._client is not None:
                 self._drop_client(self._client, self._loop)
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            # No client-side retries: a retry would stretch a call past ``timeout``.
-            self._client = Redis.from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._client = connect(self.url, self.timeout)
             self._loop = loop
         return self._client
 
     def _available(self) -> bool:
-        if self._down_until and time.monotonic() < self._down_until:
-            self.skipped += 1
-            return False
-        return True
+        if self._outage.ready():
+            return True
+        self.skipped += 1
+        return False
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         self.last_error = type(exc).__name__
-        self._down_until = time.monotonic() + self.retry_interval
-        if not self._failing:
-            self._failing = True
+        if self._outage.failed():
             logger.warning(
                 "response store: Redis at %s failed (%s); lookups miss and writes are dropped "
                 "until it answers",
@@ -490,9 +474,7 @@ class RedisCache:
             )
 
     def _succeeded(self) -> None:
-        self._down_until = 0.0
-        if self._failing:
-            self._failing = False
+        if self._outage.succeeded():
             logger.info("response store: Redis at %s answers again", self._where)
 
     async def get(self, key: str) -> CachedResponse | None:
@@ -585,7 +567,7 @@ class RedisCache:
         return {
             "kind": "redis",
             "redis": self._where,
-            "available": not self._failing,
+            "available": not self._outage.down,
             "max_entry_bytes": self.max_entry_bytes,
             "hits": self.hits,
             "misses": self.misses,
