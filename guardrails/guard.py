@@ -32,7 +32,7 @@ from guardrails.errors import (
     classify,
     in_chain,
 )
-from guardrails.fallback.cache import ResponseStore
+from guardrails.fallback import ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import NONE as NO_TROUBLE

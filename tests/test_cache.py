@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardrails.fallback.cache import (
+from guardrails.fallback import (
     CachedResponse,
     MemoryCache,
     ResponseStore,

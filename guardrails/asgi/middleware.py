@@ -17,11 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardrails import context
+from guardrails import context, fallback
 from guardrails.breaker import CLOSED, Trial
 from guardrails.errors import ErrorKind, GuardrailsError, Shed, Unavailable, in_chain
-from guardrails.fallback import cache
-from guardrails.fallback.cache import CachedResponse, ResponseStore
+from guardrails.fallback import CachedResponse, ResponseStore
 from guardrails.guard import ErrorResponseFactory, Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.policy import OnUnavailable, Policy, ResolvedRoute
@@ -85,7 +84,7 @@ class _CachePlan:
         """The stored response if it is at most ``max_age`` seconds old."""
         if max_age is None:
             return None
-        found = await cache.lookup(
+        found = await fallback.lookup(
             self.store, self.method, self.path, self.query, self.headers, self.user_key
         )
         if found is None or time.time() - found.stored_at > max_age:
@@ -96,7 +95,7 @@ class _CachePlan:
         policy = self.policy
         ttl = max(policy.cache_ttl or 0.0, policy.stale_ttl or 0.0)
         response = CachedResponse.build(capture.status, capture.headers, b"".join(capture.body))
-        await cache.remember(
+        await fallback.remember(
             self.store,
             self.method,
             self.path,
@@ -166,7 +165,7 @@ class _Responder(context.CallContext):
         assert capture is not None
         if kind == "http.response.start":
             headers = list(message.get("headers", ()))
-            if cache.response_cacheable(message["status"], headers):
+            if fallback.response_cacheable(message["status"], headers):
                 capture.status = message["status"]
                 capture.headers = headers
                 return
@@ -416,7 +415,7 @@ class GuardrailsMiddleware:
             except Exception:
                 logger.exception("cache_key of %s failed; the request is not cached", policy)
                 return None
-        if not cache.request_cacheable(scope["method"], scope["headers"], user_key is not None):
+        if not fallback.request_cacheable(scope["method"], scope["headers"], user_key is not None):
             return None
         return _CachePlan(store, scope, policy, user_key)
 
@@ -445,7 +444,7 @@ class GuardrailsMiddleware:
         await self._reject(scope, send, error, retry_after)
 
     async def _replay(self, send: Send, response: CachedResponse, marker: bytes) -> None:
-        headers = cache.stale_headers(response, time.time())
+        headers = fallback.stale_headers(response, time.time())
         if marker != b"stale":
             headers[-1] = (b"x-guardrails", marker)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
