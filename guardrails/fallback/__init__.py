@@ -20,13 +20,7 @@ from guardrails.fallback.redis import RedisCache
 from guardrails.fallback.replay import age_header, stale_headers
 from guardrails.fallback.response import CachedResponse
 from guardrails.fallback.rules import request_cacheable, response_cacheable, vary_names
-from guardrails.fallback.store import (
-    ResponseStore,
-    lookup,
-    lookup_nowait,
-    remember,
-    remember_nowait,
-)
+from guardrails.fallback.store import ResponseStore, lookup, remember
 from guardrails.fallback.wire import decode_response, encode_response
 
 __all__ = [
@@ -38,10 +32,8 @@ __all__ = [
     "decode_response",
     "encode_response",
     "lookup",
-    "lookup_nowait",
     "make_key",
     "remember",
-    "remember_nowait",
     "request_cacheable",
     "response_cacheable",
     "stale_headers",

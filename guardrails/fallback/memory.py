@@ -22,12 +22,13 @@ def _positive_int(value: object, name: str, hint: str) -> int:
 class MemoryCache:
     """In-process LRU response store with per-entry TTL and a hard byte limit.
 
-    Calls never block and never do I/O: the async methods just call :meth:`get_nowait`
-    and friends, which the middleware may use directly. ``get`` and ``set`` are O(1)
-    (amortized for evictions). The accounted size of an entry is its key length plus
-    :attr:`CachedResponse.size`; the total never exceeds ``max_bytes``. Expired entries
-    are misses and are dropped when met: on access, or at the LRU end while making room.
-    TTLs use ``clock`` (monotonic seconds). Not thread-safe: use it from one event loop.
+    Calls never block and never do I/O: its async ``get``, ``set`` and ``delete`` (the
+    :class:`~guardrails.fallback.store.ResponseStore` protocol) finish without awaiting
+    anything. ``get`` and ``set`` are O(1) (amortized for evictions). The accounted size
+    of an entry is its key length plus :attr:`CachedResponse.size`; the total never
+    exceeds ``max_bytes``. Expired entries are misses and are dropped when met: on
+    access, or at the LRU end while making room. TTLs use ``clock`` (monotonic seconds).
+    Not thread-safe: use it from one event loop.
     """
 
     __slots__ = (
@@ -92,7 +93,7 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_nowait(self, key: str) -> CachedResponse | None:
+    async def get(self, key: str) -> CachedResponse | None:
         """The live entry under ``key`` (now the most recently used), or None."""
         entry = self._entries.get(key)
         if entry is None:
@@ -108,7 +109,7 @@ class MemoryCache:
         self.hits += 1
         return entry[0]
 
-    def set_nowait(self, key: str, response: CachedResponse, ttl: float | timedelta) -> None:
+    async def set(self, key: str, response: CachedResponse, ttl: float | timedelta) -> None:
         """Keep ``response`` for ``ttl`` seconds, evicting least recently used entries.
 
         A response too large for ``max_entry_bytes`` is refused (counted in
@@ -143,7 +144,7 @@ class MemoryCache:
             else:
                 self.evictions += 1
 
-    def delete_nowait(self, key: str) -> None:
+    async def delete(self, key: str) -> None:
         """Forget ``key``; no error if absent."""
         old = self._entries.pop(key, None)
         if old is not None:
@@ -153,18 +154,6 @@ class MemoryCache:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
         self._bytes = 0
-
-    async def get(self, key: str) -> CachedResponse | None:
-        """:meth:`get_nowait`, for the :class:`ResponseStore` protocol."""
-        return self.get_nowait(key)
-
-    async def set(self, key: str, response: CachedResponse, ttl: float | timedelta) -> None:
-        """:meth:`set_nowait`, for the :class:`ResponseStore` protocol."""
-        self.set_nowait(key, response, ttl)
-
-    async def delete(self, key: str) -> None:
-        """:meth:`delete_nowait`, for the :class:`ResponseStore` protocol."""
-        self.delete_nowait(key)
 
     def snapshot(self) -> dict[str, Any]:
         """Entries, bytes and limits, plus counters: hits, misses, evictions, expired, too_large.

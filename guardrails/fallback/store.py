@@ -12,8 +12,8 @@ through the same store:
 A request whose ``Vary``-listed header values differ computes a different key in step 2,
 so it can never get the other variant; an entry is only reachable under the exact names
 and values it was stored with. Several variants (say gzip and identity) live side by
-side. :func:`lookup` and :func:`remember` (and their ``_nowait`` twins for
-:class:`MemoryCache`) do both steps; use them rather than the store's raw ``get``.
+side. :func:`lookup` and :func:`remember` do both steps; use them rather than the
+store's raw ``get``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from guardrails.fallback.keys import make_key
-from guardrails.fallback.memory import MemoryCache
 from guardrails.fallback.response import CachedResponse
 from guardrails.fallback.rules import Headers
 
-__all__ = ["ResponseStore", "lookup", "lookup_nowait", "remember", "remember_nowait"]
+__all__ = ["ResponseStore", "lookup", "remember"]
 
 _VARY_RECORD = 0
 """Status of the marker left under a base key when the response had ``Vary``."""
@@ -105,47 +104,6 @@ async def remember(
         return
     await store.set(base, _vary_record(response), ttl)
     await store.set(
-        make_key(method, path, query_string, request_headers, response.vary, user_key),
-        response,
-        ttl,
-    )
-
-
-def lookup_nowait(
-    cache: MemoryCache,
-    method: str,
-    path: str,
-    query_string: bytes,
-    request_headers: Headers,
-    user_key: str | None,
-) -> CachedResponse | None:
-    """:func:`lookup` without a coroutine, for :class:`MemoryCache` on the hot path."""
-    found = cache.get_nowait(make_key(method, path, query_string, request_headers, (), user_key))
-    if found is None or found.status != _VARY_RECORD:
-        return found
-    return cache.get_nowait(
-        make_key(method, path, query_string, request_headers, found.vary, user_key)
-    )
-
-
-def remember_nowait(
-    cache: MemoryCache,
-    method: str,
-    path: str,
-    query_string: bytes,
-    request_headers: Headers,
-    user_key: str | None,
-    response: CachedResponse,
-    ttl: float | timedelta,
-) -> None:
-    """:func:`remember` without a coroutine, for :class:`MemoryCache`."""
-    _check_storable(response)
-    base = make_key(method, path, query_string, request_headers, (), user_key)
-    if not response.vary:
-        cache.set_nowait(base, response, ttl)
-        return
-    cache.set_nowait(base, _vary_record(response), ttl)
-    cache.set_nowait(
         make_key(method, path, query_string, request_headers, response.vary, user_key),
         response,
         ttl,
