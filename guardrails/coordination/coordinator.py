@@ -454,12 +454,12 @@ class RedisCoordinator:
     async def _exchange(self, guard: Guardrails) -> None:
         """Publish breaker news, then renew the lease: usually one round trip in all."""
         limiter = guard.limiter
+        self._connect()
         pending = self._pending
         if pending is not None:
             await self._publish(guard, pending)
             if self._pending == pending:
                 self._pending = None
-        self._connect()
         sent = time.monotonic()
         leased = self._connected or sent < self._lease_until
         need = min(limiter.configured_limit, self._peak)
