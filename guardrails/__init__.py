@@ -19,7 +19,7 @@ from guardrails.errors import (
     Unavailable,
     classify,
 )
-from guardrails.fallback.cache import CachedResponse, MemoryCache, RedisCache, ResponseStore
+from guardrails.fallback import CachedResponse, MemoryCache, RedisCache, ResponseStore
 from guardrails.guard import Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.observe.triage import Diagnosis, EarlyWarning

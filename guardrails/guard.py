@@ -25,7 +25,7 @@ from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
 from guardrails.context import NO_REQUEST
 from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
-from guardrails.fallback.cache import ResponseStore
+from guardrails.fallback import ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry

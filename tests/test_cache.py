@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -9,16 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardrails.fallback.cache import (
+from guardrails.fallback import (
     CachedResponse,
     MemoryCache,
     ResponseStore,
     age_header,
     lookup,
-    lookup_nowait,
     make_key,
     remember,
-    remember_nowait,
     request_cacheable,
     response_cacheable,
     stale_headers,
@@ -117,110 +117,118 @@ def test_defaults_and_protocol() -> None:
 # --- MemoryCache: LRU, TTL, sizes -----------------------------------------------------------
 
 
-def test_lru_evicts_least_recently_used_entry() -> None:
+@pytest.mark.anyio
+async def test_lru_evicts_least_recently_used_entry() -> None:
     cache = MemoryCache(max_entries=3)
     a, b, c, d = (response(x) for x in (b"a", b"b", b"c", b"d"))
-    cache.set_nowait("a", a, 60)
-    cache.set_nowait("b", b, 60)
-    cache.set_nowait("c", c, 60)
-    assert cache.get_nowait("a") is a  # a is now the most recent; b the oldest
-    cache.set_nowait("d", d, 60)
-    assert cache.get_nowait("b") is None
-    assert [cache.get_nowait(k) for k in "acd"] == [a, c, d]
+    await cache.set("a", a, 60)
+    await cache.set("b", b, 60)
+    await cache.set("c", c, 60)
+    assert await cache.get("a") is a  # a is now the most recent; b the oldest
+    await cache.set("d", d, 60)
+    assert await cache.get("b") is None
+    assert [await cache.get(k) for k in "acd"] == [a, c, d]
     snap = cache.snapshot()
     assert (snap["entries"], snap["evictions"], snap["hits"], snap["misses"]) == (3, 1, 4, 1)
 
 
-def test_setting_an_existing_key_refreshes_it_and_replaces_its_size() -> None:
+@pytest.mark.anyio
+async def test_setting_an_existing_key_refreshes_it_and_replaces_its_size() -> None:
     cache = MemoryCache(max_entries=2)
-    cache.set_nowait("a", response(b"1"), 60)
-    cache.set_nowait("b", response(b"2"), 60)
+    await cache.set("a", response(b"1"), 60)
+    await cache.set("b", response(b"2"), 60)
     new = response(b"12345")
-    cache.set_nowait("a", new, 60)  # a becomes the most recent
-    cache.set_nowait("c", response(b"3"), 60)
-    assert cache.get_nowait("b") is None
-    assert cache.get_nowait("a") is new
+    await cache.set("a", new, 60)  # a becomes the most recent
+    await cache.set("c", response(b"3"), 60)
+    assert await cache.get("b") is None
+    assert await cache.get("a") is new
     assert cache.snapshot()["bytes"] == cost("a", new) + cost("c", response(b"3"))
 
 
-def test_byte_limit_evicts_oldest_until_the_new_entry_fits() -> None:
+@pytest.mark.anyio
+async def test_byte_limit_evicts_oldest_until_the_new_entry_fits() -> None:
     one = response(b"x" * 90)  # 1 + 90 + no headers = 91 bytes with a 1-char key
     cache = MemoryCache(max_bytes=300, max_entry_bytes=200)
     for key in "abc":
-        cache.set_nowait(key, one, 60)
+        await cache.set(key, one, 60)
     assert cache.snapshot()["bytes"] == 273
     big = response(b"y" * 150)  # 151: a and b must go (273 - 91 - 91 + 151 = 242)
-    cache.set_nowait("d", big, 60)
+    await cache.set("d", big, 60)
     snap = cache.snapshot()
     assert (snap["bytes"], snap["entries"], snap["evictions"]) == (242, 2, 2)
-    assert cache.get_nowait("a") is None
-    assert cache.get_nowait("b") is None
-    assert cache.get_nowait("c") is one
-    assert cache.get_nowait("d") is big
+    assert await cache.get("a") is None
+    assert await cache.get("b") is None
+    assert await cache.get("c") is one
+    assert await cache.get("d") is big
 
 
-def test_too_large_entries_are_refused_and_leave_the_old_one() -> None:
+@pytest.mark.anyio
+async def test_too_large_entries_are_refused_and_leave_the_old_one() -> None:
     cache = MemoryCache(max_bytes=1000, max_entry_bytes=100)
     old = response(b"old")
-    cache.set_nowait("k", old, 60)
-    cache.set_nowait("k", response(b"z" * 99), 60)  # 1 + 99 = 100: fits exactly
-    cache.set_nowait("k", old, 60)
-    cache.set_nowait("k", response(b"z" * 100), 60)  # 101: refused
-    assert cache.get_nowait("k") is old
+    await cache.set("k", old, 60)
+    await cache.set("k", response(b"z" * 99), 60)  # 1 + 99 = 100: fits exactly
+    await cache.set("k", old, 60)
+    await cache.set("k", response(b"z" * 100), 60)  # 101: refused
+    assert await cache.get("k") is old
     snap = cache.snapshot()
     assert (snap["too_large"], snap["entries"], snap["bytes"]) == (1, 1, cost("k", old))
 
 
-def test_entry_expires_exactly_at_its_ttl_and_is_removed() -> None:
+@pytest.mark.anyio
+async def test_entry_expires_exactly_at_its_ttl_and_is_removed() -> None:
     clock = FakeClock()
     cache = MemoryCache(clock=clock)
     resp = response()
-    cache.set_nowait("k", resp, 10)
+    await cache.set("k", resp, 10)
     clock.now += 9.999
-    assert cache.get_nowait("k") is resp
+    assert await cache.get("k") is resp
     clock.now += 0.001
-    assert cache.get_nowait("k") is None
+    assert await cache.get("k") is None
     snap = cache.snapshot()
     assert (snap["entries"], snap["bytes"], snap["expired"], snap["misses"]) == (0, 0, 1, 1)
 
 
-def test_timedelta_ttl_and_non_positive_ttl_deletes() -> None:
+@pytest.mark.anyio
+async def test_timedelta_ttl_and_non_positive_ttl_deletes() -> None:
     clock = FakeClock()
     cache = MemoryCache(clock=clock)
-    cache.set_nowait("k", response(), timedelta(seconds=2))
+    await cache.set("k", response(), timedelta(seconds=2))
     clock.now += 1.5
-    assert cache.get_nowait("k") is not None
-    cache.set_nowait("k", response(), 0)
-    assert cache.get_nowait("k") is None
+    assert await cache.get("k") is not None
+    await cache.set("k", response(), 0)
+    assert await cache.get("k") is None
     assert cache.snapshot()["bytes"] == 0
 
 
-def test_expired_entries_are_dropped_first_when_making_room() -> None:
+@pytest.mark.anyio
+async def test_expired_entries_are_dropped_first_when_making_room() -> None:
     clock = FakeClock()
     cache = MemoryCache(max_entries=2, clock=clock)
-    cache.set_nowait("short", response(), 1)
-    cache.set_nowait("long", response(), 100)
+    await cache.set("short", response(), 1)
+    await cache.set("long", response(), 100)
     clock.now += 5
-    cache.set_nowait("new", response(), 100)
+    await cache.set("new", response(), 100)
     snap = cache.snapshot()
     assert (snap["entries"], snap["expired"], snap["evictions"]) == (2, 1, 0)
-    assert cache.get_nowait("long") is not None
+    assert await cache.get("long") is not None
 
 
-def test_delete_and_clear() -> None:
+@pytest.mark.anyio
+async def test_delete_and_clear() -> None:
     cache = MemoryCache()
-    cache.set_nowait("a", response(), 60)
-    cache.set_nowait("b", response(), 60)
-    cache.delete_nowait("a")
-    cache.delete_nowait("missing")
-    assert cache.get_nowait("a") is None
+    await cache.set("a", response(), 60)
+    await cache.set("b", response(), 60)
+    await cache.delete("a")
+    await cache.delete("missing")
+    assert await cache.get("a") is None
     assert len(cache) == 1
     cache.clear()
     assert (len(cache), cache.snapshot()["bytes"]) == (0, 0)
 
 
 @pytest.mark.anyio
-async def test_async_methods_are_the_sync_ones() -> None:
+async def test_set_get_and_delete_one_entry() -> None:
     clock = FakeClock()
     cache = MemoryCache(clock=clock)
     resp = response()
@@ -244,9 +252,10 @@ _OPS = st.one_of(
 )
 
 
+@pytest.mark.anyio
 @settings(max_examples=300, deadline=None)
 @given(ops=st.lists(_OPS, max_size=80))
-def test_random_workloads_respect_every_limit(ops: list[tuple[object, ...]]) -> None:
+async def test_random_workloads_respect_every_limit(ops: list[tuple[object, ...]]) -> None:
     clock = FakeClock()
     cache = MemoryCache(max_entries=5, max_bytes=1000, max_entry_bytes=400, clock=clock)
     # What each key was last set to, and until when: a get may forget it, never invent it.
@@ -258,19 +267,19 @@ def test_random_workloads_respect_every_limit(ops: list[tuple[object, ...]]) -> 
             assert isinstance(size, int)
             assert isinstance(ttl, float)
             resp = response(key.encode() * size)
-            cache.set_nowait(key, resp, ttl)
+            await cache.set(key, resp, ttl)
             if cost(key, resp) > 400:
                 continue  # refused: the previous entry, if any, stays
             if ttl > 0:
                 last[key] = (resp, clock.now + ttl)
                 if clock.now + ttl > clock.now:  # not a ttl lost in float rounding
-                    assert cache.get_nowait(key) is resp  # it survives its own set
+                    assert await cache.get(key) is resp  # it survives its own set
             else:
                 last.pop(key, None)
         elif op[0] == "get":
             key = op[1]
             assert isinstance(key, str)
-            got = cache.get_nowait(key)
+            got = await cache.get(key)
             if got is not None:
                 assert key in last
                 expected, expires_at = last[key]
@@ -279,7 +288,7 @@ def test_random_workloads_respect_every_limit(ops: list[tuple[object, ...]]) -> 
         elif op[0] == "delete":
             key = op[1]
             assert isinstance(key, str)
-            cache.delete_nowait(key)
+            await cache.delete(key)
             last.pop(key, None)
         else:
             step = op[1]
@@ -363,9 +372,22 @@ def test_response_cacheable(status: int, headers: Headers, expected: bool) -> No
 
 def test_key_is_a_stable_sha256_hex_digest() -> None:
     key = make_key("GET", "/a", b"x=1", [], (), None)
-    assert len(key) == 64
-    assert int(key, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", key), key
+    # The same key in every process and release: a shared store outlives restarts.
+    # Fields: no Host, method, path, query, no user key, no Vary names.
+    assert key == hashlib.sha256(b"gr2,1:-,3:GET,2:/a,3:x=1,1:-,0,").hexdigest()
+    # Headers outside Vary leave it alone; every input that is part of it changes it.
     assert key == make_key("GET", "/a", b"x=1", [(b"accept", b"*/*")], (), None)
+    others = {
+        make_key("HEAD", "/a", b"x=1", [], (), None),
+        make_key("GET", "/b", b"x=1", [], (), None),
+        make_key("GET", "/a", b"x=2", [], (), None),
+        make_key("GET", "/a", b"x=1", [(b"host", b"a.example")], (), None),
+        make_key("GET", "/a", b"x=1", [], (b"accept",), None),
+        make_key("GET", "/a", b"x=1", [], (), "user-1"),
+    }
+    assert len(others) == 6
+    assert key not in others
 
 
 @pytest.mark.parametrize(
@@ -449,74 +471,79 @@ def test_keys_are_equal_only_for_equal_requests(one: Request, other: Request) ->
 _VALUES = st.lists(st.sampled_from([b"gzip", b"br", b"", b"gzip, br"]), max_size=2)
 
 
+@pytest.mark.anyio
 @settings(max_examples=300)
 @given(stored=_VALUES, asked=_VALUES)
-def test_a_varied_header_never_gets_the_other_variant(
+async def test_a_varied_header_never_gets_the_other_variant(
     stored: list[bytes], asked: list[bytes]
 ) -> None:
     cache = MemoryCache()
     resp = response(headers=[(b"vary", b"Accept-Encoding")])
     stored_headers = [(b"accept-encoding", v) for v in stored]
     asked_headers = [(b"accept-encoding", v) for v in asked]
-    remember_nowait(cache, "GET", "/d", b"", stored_headers, None, resp, 60)
-    got = lookup_nowait(cache, "GET", "/d", b"", asked_headers, None)
+    await remember(cache, "GET", "/d", b"", stored_headers, None, resp, 60)
+    got = await lookup(cache, "GET", "/d", b"", asked_headers, None)
     assert (got is resp) is (stored == asked)
     assert got is None or got is resp
 
 
-def test_variants_live_side_by_side_and_follow_the_latest_vary() -> None:
+@pytest.mark.anyio
+async def test_variants_live_side_by_side_and_follow_the_latest_vary() -> None:
     cache = MemoryCache()
     vary = [(b"vary", b"accept-encoding")]
     gzip = response(b"gz", headers=vary)
     plain = response(b"plain", headers=vary)
     gz_req = [(b"accept-encoding", b"gzip")]
-    remember_nowait(cache, "GET", "/d", b"", gz_req, None, gzip, 60)
-    remember_nowait(cache, "GET", "/d", b"", [], None, plain, 60)
-    assert lookup_nowait(cache, "GET", "/d", b"", gz_req, None) is gzip
-    assert lookup_nowait(cache, "GET", "/d", b"", [], None) is plain
-    assert lookup_nowait(cache, "GET", "/d", b"", [(b"accept-encoding", b"br")], None) is None
-    assert lookup_nowait(cache, "HEAD", "/d", b"", gz_req, None) is None
+    await remember(cache, "GET", "/d", b"", gz_req, None, gzip, 60)
+    await remember(cache, "GET", "/d", b"", [], None, plain, 60)
+    assert await lookup(cache, "GET", "/d", b"", gz_req, None) is gzip
+    assert await lookup(cache, "GET", "/d", b"", [], None) is plain
+    assert await lookup(cache, "GET", "/d", b"", [(b"accept-encoding", b"br")], None) is None
+    assert await lookup(cache, "HEAD", "/d", b"", gz_req, None) is None
     # The app stops varying: the latest response answers everyone.
     flat = response(b"flat")
-    remember_nowait(cache, "GET", "/d", b"", gz_req, None, flat, 60)
-    assert lookup_nowait(cache, "GET", "/d", b"", gz_req, None) is flat
-    assert lookup_nowait(cache, "GET", "/d", b"", [(b"accept-encoding", b"br")], None) is flat
+    await remember(cache, "GET", "/d", b"", gz_req, None, flat, 60)
+    assert await lookup(cache, "GET", "/d", b"", gz_req, None) is flat
+    assert await lookup(cache, "GET", "/d", b"", [(b"accept-encoding", b"br")], None) is flat
     # It varies on another header now: old variants are unreachable, not mixed up.
     by_tenant = response(b"t1", headers=[(b"vary", b"X-Tenant")])
-    remember_nowait(cache, "GET", "/d", b"", [(b"x-tenant", b"1")], None, by_tenant, 60)
-    assert lookup_nowait(cache, "GET", "/d", b"", [(b"x-tenant", b"1")], None) is by_tenant
-    assert lookup_nowait(cache, "GET", "/d", b"", [(b"x-tenant", b"2")], None) is None
-    assert lookup_nowait(cache, "GET", "/d", b"", gz_req, None) is None
+    await remember(cache, "GET", "/d", b"", [(b"x-tenant", b"1")], None, by_tenant, 60)
+    assert await lookup(cache, "GET", "/d", b"", [(b"x-tenant", b"1")], None) is by_tenant
+    assert await lookup(cache, "GET", "/d", b"", [(b"x-tenant", b"2")], None) is None
+    assert await lookup(cache, "GET", "/d", b"", gz_req, None) is None
 
 
-def test_user_keys_separate_users() -> None:
+@pytest.mark.anyio
+async def test_user_keys_separate_users() -> None:
     cache = MemoryCache()
     alice, bob = response(b"alice"), response(b"bob")
     auth = [(b"authorization", b"Bearer x")]
     assert not request_cacheable("GET", auth, has_cache_key=False)
-    remember_nowait(cache, "GET", "/me", b"", auth, "user:alice", alice, 60)
-    remember_nowait(cache, "GET", "/me", b"", auth, "user:bob", bob, 60)
-    assert lookup_nowait(cache, "GET", "/me", b"", auth, "user:alice") is alice
-    assert lookup_nowait(cache, "GET", "/me", b"", auth, "user:bob") is bob
-    assert lookup_nowait(cache, "GET", "/me", b"", auth, None) is None
+    await remember(cache, "GET", "/me", b"", auth, "user:alice", alice, 60)
+    await remember(cache, "GET", "/me", b"", auth, "user:bob", bob, 60)
+    assert await lookup(cache, "GET", "/me", b"", auth, "user:alice") is alice
+    assert await lookup(cache, "GET", "/me", b"", auth, "user:bob") is bob
+    assert await lookup(cache, "GET", "/me", b"", auth, None) is None
 
 
-def test_hosts_never_share_an_entry() -> None:
+@pytest.mark.anyio
+async def test_hosts_never_share_an_entry() -> None:
     cache = MemoryCache()
     page_a, page_b = response(b"tenant a"), response(b"tenant b")
     host_a, host_b = [(b"host", b"a.example")], [(b"host", b"b.example")]
-    remember_nowait(cache, "GET", "/dash", b"", host_a, None, page_a, 60)
-    assert lookup_nowait(cache, "GET", "/dash", b"", host_b, None) is None
-    assert lookup_nowait(cache, "GET", "/dash", b"", [], None) is None
-    assert lookup_nowait(cache, "GET", "/dash", b"", [(b"Host", b"A.example")], None) is page_a
-    remember_nowait(cache, "GET", "/dash", b"", host_b, None, page_b, 60)
-    assert lookup_nowait(cache, "GET", "/dash", b"", host_a, None) is page_a
-    assert lookup_nowait(cache, "GET", "/dash", b"", host_b, None) is page_b
+    await remember(cache, "GET", "/dash", b"", host_a, None, page_a, 60)
+    assert await lookup(cache, "GET", "/dash", b"", host_b, None) is None
+    assert await lookup(cache, "GET", "/dash", b"", [], None) is None
+    assert await lookup(cache, "GET", "/dash", b"", [(b"Host", b"A.example")], None) is page_a
+    await remember(cache, "GET", "/dash", b"", host_b, None, page_b, 60)
+    assert await lookup(cache, "GET", "/dash", b"", host_a, None) is page_a
+    assert await lookup(cache, "GET", "/dash", b"", host_b, None) is page_b
 
 
-def test_status_zero_is_reserved() -> None:
+@pytest.mark.anyio
+async def test_status_zero_is_reserved() -> None:
     with pytest.raises(ValueError, match="status 0 is reserved"):
-        remember_nowait(MemoryCache(), "GET", "/", b"", [], None, CachedResponse(0, (), b"", 0), 1)
+        await remember(MemoryCache(), "GET", "/", b"", [], None, CachedResponse(0, (), b"", 0), 1)
 
 
 @pytest.mark.anyio

@@ -418,6 +418,33 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         assert sum(half_open) == 1  # one trial for the fleet, not one per process
 
 
+async def test_an_opening_before_the_first_lease_is_told_to_the_others(redis_url: str) -> None:
+    settings = gr.BreakerSettings(fail_max=1, reset_timeout=30.0)
+    name = unique("early")
+    first, second = (
+        gr.Guardrails(
+            concurrency=2,
+            breaker=settings,
+            coordinator=RedisCoordinator(redis_url, budget=4, name=name, lease_ttl=TTL),
+        )
+        for _ in range(2)
+    )
+    # The breaker opens before the coordinator has ever reached Redis.
+    with pytest.raises(ConnectionRefusedError):
+        await call_through(first.breaker, refused)
+    assert first.breaker.state == "open"
+    tasks = [asyncio.create_task(coordinator_of(g).start()) for g in (first, second)]
+    try:
+        await wait_until(lambda: coordinator_of(first).snapshot()["connected"], within=3)
+        await wait_until(lambda: second.breaker.state == "open", within=3)
+    finally:
+        for guard in (first, second):
+            await guard.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_stale_close_after_an_outage_leaves_a_newer_opening_alone(
     redis_factory: Callable[[], RedisServer],
 ) -> None:

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import guardrails as gr
-from guardrails.fallback.cache import MemoryCache
+from guardrails.fallback import MemoryCache
 
 pytestmark = pytest.mark.anyio
 

@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import guardrails as gr
-from guardrails.fallback.cache import (
+from guardrails.fallback import (
     CachedResponse,
     decode_response,
     encode_response,

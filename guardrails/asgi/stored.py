@@ -10,8 +10,8 @@ import time
 from starlette.requests import Request
 from starlette.types import Message, Scope, Send
 
-from guardrails.fallback import cache
-from guardrails.fallback.cache import CachedResponse, ResponseStore
+from guardrails import fallback
+from guardrails.fallback import CachedResponse, ResponseStore
 from guardrails.policy import Policy
 
 __all__ = ["CachePlan", "Capture", "replay"]
@@ -67,7 +67,7 @@ class CachePlan:
             if user_key is not None and not isinstance(user_key, str):
                 _warn_once(warned, route, f"returned {type(user_key).__name__}, not a str", None)
                 return None
-        if not cache.request_cacheable(scope["method"], scope["headers"], user_key is not None):
+        if not fallback.request_cacheable(scope["method"], scope["headers"], user_key is not None):
             return None
         return cls(store, scope, policy, user_key)
 
@@ -75,7 +75,7 @@ class CachePlan:
         """The stored response if it is at most ``max_age`` seconds old."""
         if max_age is None:
             return None
-        found = await cache.lookup(
+        found = await fallback.lookup(
             self.store, self.method, self.path, self.query, self.headers, self.user_key
         )
         if found is None or time.time() - found.stored_at > max_age:
@@ -91,7 +91,7 @@ class CachePlan:
         policy = self.policy
         ttl = max(policy.cache_ttl or 0.0, policy.stale_ttl or 0.0)
         response = CachedResponse.build(capture.status, capture.headers, b"".join(capture.body))
-        await cache.remember(
+        await fallback.remember(
             self.store,
             self.method,
             self.path,
@@ -119,7 +119,7 @@ class Capture:
         """Copy one sent message; False once the response turned out not cacheable."""
         if kind == "http.response.start":
             headers = list(message.get("headers", ()))
-            if cache.response_cacheable(message["status"], headers):
+            if fallback.response_cacheable(message["status"], headers):
                 self.status = message["status"]
                 self.headers = headers
                 return True
@@ -137,7 +137,7 @@ class Capture:
 
 async def replay(send: Send, response: CachedResponse, marker: bytes) -> None:
     """Send a stored response, marked ``X-Guardrails: hit`` or ``stale`` (with ``Age``)."""
-    headers = cache.stale_headers(response, time.time())
+    headers = fallback.stale_headers(response, time.time())
     if marker != b"stale":
         headers[-1] = (b"x-guardrails", marker)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})

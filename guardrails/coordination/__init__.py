@@ -1,1 +1,8 @@
-"""Coordination among processes: one connection budget and one breaker for a fleet."""
+"""Coordination among processes: one connection budget and one breaker for a fleet.
+
+- :mod:`~guardrails.coordination.coordinator`: :class:`RedisCoordinator`, which runs
+  the parts below on the guard's event loop;
+- :mod:`~guardrails.coordination.lease`: the slots a process leases from the budget;
+- :mod:`~guardrails.coordination.shared_breaker`: the breaker state shared over Redis;
+- :mod:`~guardrails.coordination.lua`: the Redis keys, and the Lua scripts in ``scripts/``.
+"""

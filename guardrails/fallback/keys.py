@@ -1,0 +1,74 @@
+"""Store keys: one request's identity, hashed, so no two different requests share a key.
+
+A key is the sha256 of a length-prefixed encoding of (``Host``, method, path, raw query
+string, user key, the sorted ``Vary`` header names, and each such request header's
+values in order), so no two different inputs share a key, whatever separators a path
+or header contains.
+
+Decisions beyond DESIGN.md:
+
+- The request's ``Host`` is part of every key: an app serving several sites or tenants
+  by host name never replays one host's page to another.
+- ``HEAD`` and ``GET`` have separate entries (the method is part of the key): a ``HEAD``
+  is never answered from a ``GET`` entry, so the middleware never has to strip a body.
+- Repeated values of one ``Vary``'d request header are keyed as a list, not joined, so
+  ``a, b`` in one header and ``a`` + ``b`` in two are different variants (a miss at worst).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from guardrails.fallback.rules import Headers
+
+__all__ = ["make_key"]
+
+
+def make_key(
+    method: str,
+    path: str,
+    query_string: bytes,
+    request_headers: Headers,
+    vary: Sequence[bytes],
+    user_key: str | None,
+) -> str:
+    """The store key for a request: distinct inputs always give distinct keys.
+
+    ``vary`` names the request headers whose values select the variant (any case, any
+    order); their values count in order, an absent header differs from an empty one.
+    ``user_key`` is the policy's ``cache_key(request)`` result, None when there is none.
+    """
+    method_b = method.encode("utf-8", "surrogateescape")
+    path_b = path.encode("utf-8", "surrogateescape")
+    user = b"-" if user_key is None else b"+" + user_key.encode("utf-8", "surrogateescape")
+    # One app may serve several sites or tenants by Host: a page of one must never be
+    # replayed to another. Absent (HTTP/1.0) differs from any value.
+    host = b"-"
+    for name, value in request_headers:
+        if name.lower() == b"host":
+            host = b"+" + value.lower()
+            break
+    # Netstring-style fields: every part is length-prefixed, so no content can pass for
+    # a separator. sha256 keeps keys short and uniform for any store.
+    head = b"gr2,%d:%b,%d:%b,%d:%b,%d:%b,%d:%b," % (
+        len(host),
+        host,
+        len(method_b),
+        method_b,
+        len(path_b),
+        path_b,
+        len(query_string),
+        query_string,
+        len(user),
+        user,
+    )
+    if not vary:
+        return hashlib.sha256(head + b"0,").hexdigest()
+    names = sorted({name.lower() for name in vary})
+    parts = [head, b"%d," % len(names)]
+    for wanted in names:
+        values = [value for name, value in request_headers if name.lower() == wanted]
+        parts.append(b"%d:%b,%d," % (len(wanted), wanted, len(values)))
+        parts.extend(b"%d:%b," % (len(value), value) for value in values)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
