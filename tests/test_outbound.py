@@ -497,9 +497,9 @@ async def test_the_deadline_caps_the_clients_own_timeouts(
             pytest.raises(gr.OriginUnavailable) as raised,
         ):
             await http.get(upstream.url + "/gate/capped")
-    upstream.open_gate("capped")
     assert raised.value.reason == "deadline"
     assert upstream.answered["/gate/capped"] == 0
+    upstream.open_gate("capped")
 
 
 async def test_a_call_past_the_deadline_is_not_started(
@@ -724,3 +724,33 @@ async def test_inside_a_guarded_route(
     assert 0 < int(sent["x-deadline-ms"]) <= 5000
     assert answers == ["unreachable", "unreachable", "breaker_open", "breaker_open"]
     assert guard.limiter.in_flight == 0
+
+
+class Remembering(httpx.AsyncBaseTransport):
+    """A user's cache in front of the real transport: its answers are read in full."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.seen: dict[str, bytes] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = self.seen.get(str(request.url))
+        if body is None:
+            response = await self.inner.handle_async_request(request)
+            body = self.seen[str(request.url)] = await response.aread()
+            await response.aclose()
+        return httpx.Response(200, content=body)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_answer_read_in_full_gives_its_place_back_at_once(
+    guard: gr.Guardrails, upstream: Upstream
+) -> None:
+    transport = gr.GuardedTransport(Remembering(), guard=guard, max_concurrency=1, queue_timeout=0)
+    async with client(transport) as http:
+        for _ in range(3):
+            assert (await http.get(upstream.url + "/remembered")).text == "ok"
+    assert upstream.hits["/remembered"] == 1
+    assert origin_of(transport, upstream.url)["in_flight"] == 0

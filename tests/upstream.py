@@ -37,7 +37,9 @@ class Upstream:
     """One upstream server (or a closed port), stopped by :meth:`stop`."""
 
     def __init__(self, *, listen: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so,
+        # and without it a keep-alive answer sent in two writes waits for a delayed ACK.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind((HOST, 0))
         self.port: int = self.sock.getsockname()[1]
         self.hits: Counter[str] = Counter()

@@ -47,6 +47,7 @@ class Call:
     __slots__ = (
         "attempts",
         "deadline",
+        "first",
         "idempotent",
         "inner",
         "origin",
@@ -80,21 +81,46 @@ class Call:
             dict(timeouts) if deadline is not None and timeouts is not None else None
         )
         self.attempts = 0
+        self.first: httpx.Response | BaseException | None = None
+        """The first attempt's outcome, when it is worth retrying: replayed to tenacity."""
 
     async def send(self) -> httpx.Response:
-        """Make the call: one attempt, or more under the retry settings."""
+        """Make the call: one attempt, and more only if its outcome is worth retrying.
+
+        The first attempt runs outside tenacity: most calls succeed at once, and building
+        a retry loop for each would cost more than the rest of the call's guarding.
+        """
         origin = self.origin
         origin.calls_total += 1
         started = anyio.current_time()
+        retries = self.settings.retry.attempts > 1
         try:
-            if self.settings.retry.attempts == 1:
-                return await self.attempt()
-            origin.budget.record_call()
-            response: httpx.Response = await self.retrying()(self.attempt)
-            return response
+            if retries:
+                origin.budget.record_call()
+            try:
+                response = await self.attempt()
+            except Exception as exc:
+                if not retries or not self._worth_retrying(exc):
+                    raise
+                self.first = exc
+            else:
+                if not retries or not self._worth_retrying(response):
+                    return response
+                self.first = response
+            # The loop starts from the first outcome (replayed by _again), then retries.
+            again: httpx.Response = await self.retrying()(self._again)
+            return again
         finally:
             if self.attempts:
                 origin.latency.observe(anyio.current_time() - started)
+
+    async def _again(self) -> httpx.Response:
+        first, self.first = self.first, None
+        if first is None:
+            return await self.attempt()
+        if isinstance(first, BaseException):
+            raise first
+        return first
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -152,7 +178,10 @@ class Call:
             breaker.record(trial, OUTAGE)
         else:
             breaker.record(trial)
-        response.stream = _Body(response.stream, origin, deadline)
+        if response.is_closed:
+            origin.leave()  # read in full already (e.g. built from bytes): nothing to wait for
+        else:
+            response.stream = _Body(response.stream, origin, deadline)
         return response
 
     def _apply_deadline(self) -> tuple[str, ...]:
@@ -191,25 +220,27 @@ class Call:
             sleep=anyio.sleep,
         )
 
+    def _worth_retrying(self, outcome: httpx.Response | BaseException) -> bool:
+        """Whether an attempt that ended so may be tried again (attempts and budget aside)."""
+        settings = self.settings
+        safe = self.idempotent and self.replayable
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, GuardrailsError) or not isinstance(outcome, Exception):
+                return False  # refused by guardrails, or cancelled: trying again cannot help
+            # Nothing left this process: any method. Otherwise only what is safe to repeat.
+            return not_sent(outcome) or (safe and retried_after_sending(outcome))
+        if not safe or outcome.status_code not in settings.retry_statuses:
+            return False
+        wait = retry_after(outcome)
+        # Asked to wait longer than a retry may: the caller gets the answer as it is.
+        return wait is None or wait <= settings.retry.max_delay
+
     def _should_retry(self, state: RetryCallState) -> bool:
         outcome = state.outcome
         assert outcome is not None
-        settings = self.settings
-        safe = self.idempotent and self.replayable
-        if outcome.failed:
-            exc = outcome.exception()
-            if isinstance(exc, GuardrailsError) or not isinstance(exc, Exception):
-                return False  # refused by guardrails, or cancelled: trying again cannot help
-            if not not_sent(exc) and not (safe and retried_after_sending(exc)):
-                return False
-        else:
-            response: httpx.Response = outcome.result()
-            if not safe or response.status_code not in settings.retry_statuses:
-                return False
-            wait = retry_after(response)
-            if wait is not None and wait > settings.retry.max_delay:
-                return False  # the origin asks for longer than a retry may wait
-        if state.attempt_number >= settings.retry.attempts:
+        if not self._worth_retrying(outcome.exception() or outcome.result()):
+            return False
+        if state.attempt_number >= self.settings.retry.attempts:
             return False  # out of attempts: not a retry the budget denied
         budget = self.origin.budget
         if budget.can_retry():
