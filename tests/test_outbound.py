@@ -502,6 +502,24 @@ async def test_the_deadline_caps_the_clients_own_timeouts(
     upstream.open_gate("capped")
 
 
+async def test_a_body_cannot_outlast_the_request_deadline(
+    guard: gr.Guardrails, upstream: Upstream
+) -> None:
+    transport = gr.GuardedTransport(guard=guard, max_concurrency=1)
+    async with client(transport, timeout=None) as http:
+        with anyio.fail_after(10), inside_request(0.5):
+            async with http.stream("GET", upstream.url + "/drip/body") as response:
+                assert response.status_code == 200
+                chunks = response.aiter_raw()
+                assert await chunks.__anext__() == b"part 1, "
+                with pytest.raises(gr.OriginUnavailable) as raised:
+                    await chunks.__anext__()
+    assert raised.value.reason == "deadline"
+    assert upstream.answered["/drip/body"] == 0
+    upstream.open_gate("body")
+    assert origin_of(transport, upstream.url)["in_flight"] == 0
+
+
 async def test_a_call_past_the_deadline_is_not_started(
     guard: gr.Guardrails, upstream: Upstream
 ) -> None:

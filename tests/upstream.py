@@ -9,6 +9,7 @@ first):
   (``&retry_after=N`` adds the header), the rest 200;
 - ``/gate/{key}``: waits until the test calls ``open_gate(key)``, then 200;
 - ``/slow?seconds=S``: 200 after ``S`` seconds;
+- ``/drip/{key}``: 200 and the body's first part at once, the rest when the gate opens;
 - ``/headers``: 200 with the request's headers as JSON.
 
 Every request is counted by path as it arrives (``hits``, ``arrivals`` on the monotonic
@@ -137,6 +138,13 @@ class Upstream:
             await self._gate(parts[1]).wait()
         elif parts[0] == "slow":
             await asyncio.sleep(float(query["seconds"]))
+        elif parts[0] == "drip":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"part 1, ", "more_body": True})
+            await self._gate(parts[1]).wait()
+            await send({"type": "http.response.body", "body": b"part 2"})
+            self.answered[path] += 1
+            return
         elif parts[0] == "headers":
             content = json.dumps({k.decode(): v.decode() for k, v in scope["headers"]}).encode()
         if "retry_after" in query:
