@@ -276,6 +276,28 @@ async def test_origins_do_not_share_a_breaker(
     assert (healthy["failures_total"], healthy["refused"]["breaker_open"]) == (0, 0)
 
 
+async def test_idle_origins_make_room_for_new_ones(guard: gr.Guardrails) -> None:
+    ports = [Upstream(listen=False) for _ in range(257)]
+    try:
+        transport = gr.GuardedTransport(
+            guard=guard, breaker=gr.BreakerSettings(fail_max=2), retry=gr.RetrySettings(attempts=1)
+        )
+        async with client(transport) as http:
+            for i, port in enumerate(ports):
+                for _ in range(2 if i == 0 else 1):  # the first origin's breaker opens
+                    with pytest.raises(httpx.ConnectError):
+                        await http.get(port.url)
+        known = [origin["origin"] for origin in transport.snapshot()["origins"]]
+    finally:
+        for port in ports:
+            port.stop()
+    assert len(known) == 256
+    # The open one is remembered; the oldest idle one made room for the newest.
+    assert ports[0].url in known
+    assert ports[1].url not in known
+    assert ports[256].url in known
+
+
 async def test_answers_are_not_outages(guard: gr.Guardrails, upstream: Upstream) -> None:
     transport = gr.GuardedTransport(
         guard=guard, breaker=gr.BreakerSettings(fail_max=2), retry=gr.RetrySettings(attempts=1)

@@ -12,7 +12,7 @@
 - :mod:`~guardrails.outbound.errors`: ``OriginUnavailable``.
 """
 
-from guardrails.outbound.errors import OriginUnavailable, Refusal
+from guardrails.outbound.errors import OriginUnavailable
 from guardrails.outbound.transport import GuardedTransport
 
-__all__ = ["GuardedTransport", "OriginUnavailable", "Refusal"]
+__all__ = ["GuardedTransport", "OriginUnavailable"]
