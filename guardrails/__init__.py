@@ -23,6 +23,7 @@ from guardrails.fallback import CachedResponse, MemoryCache, RedisCache, Respons
 from guardrails.guard import Guardrails
 from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.observe.triage import Diagnosis, EarlyWarning
+from guardrails.outbound import GuardedTransport, OriginUnavailable
 from guardrails.policy import OnUnavailable, Policy, policy
 from guardrails.retry import RetryBudget, RetrySettings
 
@@ -37,11 +38,13 @@ __all__ = [
     "Diagnosis",
     "EarlyWarning",
     "ErrorKind",
+    "GuardedTransport",
     "Guardrails",
     "GuardrailsError",
     "GuardrailsMiddleware",
     "MemoryCache",
     "OnUnavailable",
+    "OriginUnavailable",
     "Permit",
     "Policy",
     "Priority",

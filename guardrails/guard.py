@@ -476,6 +476,7 @@ class Guardrails:
             "warnings": [warning.to_dict() for warning in self.warnings()],
             "triage": self.diagnosis.to_dict(),
             "coordinator": self.coordinator.snapshot() if self.coordinator is not None else None,
+            "outbound": [transport.snapshot() for transport in self._outbound],
         }
         snapshot["status"] = self.health.judge(snapshot)[0]
         return snapshot
@@ -492,3 +493,26 @@ class Guardrails:
         name = template if template not in taken else f"{template}#{len(taken) + 1}"
         self._bulkheads[id(chosen)] = (chosen, name)
         return self.limiter.bulkhead(name, chosen.max_concurrency)
+
+    # -- outbound calls (GuardedTransport) -----------------------------------------------
+
+    _outbound: tuple[Any, ...] = ()
+
+    @property
+    def outbound(self) -> tuple[Any, ...]:
+        """The :class:`~guardrails.GuardedTransport` objects reporting to this guard."""
+        return self._outbound
+
+    def register_outbound(self, transport: Any) -> None:
+        """Show ``transport``'s origins in :meth:`snapshot`, health and metrics.
+
+        ``GuardedTransport(guard=guard)`` calls it. Names are unique per guard; a closed
+        transport (a client closed at the end of a lifespan) gives its name up.
+        """
+        name = transport.name
+        if any(t.name == name and t is not transport and not t.closed for t in self._outbound):
+            raise ValueError(
+                f"this guard already has an open outbound transport named {name!r}: give "
+                f"each client its own, e.g. GuardedTransport(guard=guard, name='payments')"
+            )
+        self._outbound = (*(t for t in self._outbound if t.name != name), transport)

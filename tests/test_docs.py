@@ -39,6 +39,7 @@ DOCUMENTED: dict[str, Callable[..., Any]] = {
     "RedisCoordinator": gr.RedisCoordinator,
     "EarlyWarning": gr.EarlyWarning,
     "ConcurrencyLimiter": gr.ConcurrencyLimiter,
+    "GuardedTransport": gr.GuardedTransport,
 }
 
 _NO_DEFAULT = object()

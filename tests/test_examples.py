@@ -44,19 +44,21 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-def _start(module: str, database_url: str, log: Path) -> Served:
+def _start(
+    module: str, database_url: str, log: Path, *, attr: str = "app", **env_vars: str
+) -> Served:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     port = sock.getsockname()[1]
-    env = {**os.environ, "DATABASE_URL": database_url}
+    env = {**os.environ, "DATABASE_URL": database_url, **env_vars}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                f"examples.{module}:app",
+                f"examples.{module}:{attr}",
                 "--fd",
                 str(sock.fileno()),
                 "--log-level",
@@ -72,13 +74,13 @@ def _start(module: str, database_url: str, log: Path) -> Served:
     return Served(process, f"http://127.0.0.1:{port}", log)
 
 
-def _wait_ready(served: Served) -> None:
+def _wait_ready(served: Served, path: str = "/health/guardrails") -> None:
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if served.process.poll() is not None:
             pytest.fail(f"{served.url} exited at startup:\n{served.output()}")
         try:
-            if httpx.get(served.url + "/health/guardrails", timeout=1).status_code == 200:
+            if httpx.get(served.url + path, timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -212,6 +214,68 @@ def test_asyncpg_example(examples: dict[str, Served]) -> None:
         assert checks["limiter:in_flight"][0]["limit"] == 5
         assert checks["pool:asyncpg:checked_out"][0]["observedValue"] == 0
         assert checks["pool:asyncpg:checked_out"][0]["size"] == 5
+
+
+def _stop(*running: Served) -> None:
+    for served in running:
+        served.process.terminate()
+    for served in running:
+        try:
+            served.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            served.process.kill()
+            served.process.wait()
+
+
+def test_outbound_example(tmp_path: Path) -> None:
+    """The outbound example against its flaky upstream and a partner on a closed port."""
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: the partner is down
+    partner_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    upstream = _start("outbound_app", "", tmp_path / "upstream.log", attr="upstream")
+    app: Served | None = None
+    try:
+        _wait_ready(upstream, "/forecast")
+        app = _start(
+            "outbound_app",
+            "",
+            tmp_path / "app.log",
+            UPSTREAM_URL=upstream.url,
+            PARTNER_URL=partner_url,
+        )
+        _wait_ready(app)
+        with _client(app) as client:
+            forecasts = [client.get("/forecast") for _ in range(4)]
+            partner = [client.get("/partner") for _ in range(3)]
+            health = _health(client)
+            metrics = client.get("/metrics").text.splitlines()
+    finally:
+        _stop(*(served for served in (app, upstream) if served is not None))
+        closed.close()
+    # Every other upstream answer is a 503 (the first, a 200, went to the readiness
+    # check): each call met one and retried it away.
+    assert [r.status_code for r in forecasts] == [200, 200, 200, 200]
+    assert all(0 < int(r.json()["deadline_ms"]) <= 3000 for r in forecasts)
+    # Two refused connections open the partner's breaker; the third call is refused at once.
+    assert [r.json()["error"] for r in partner] == [
+        "partner_unreachable",
+        "partner_unreachable",
+        "partner_unavailable",
+    ]
+    assert partner[2].status_code == 503
+    assert int(partner[2].headers["retry-after"]) >= 1
+    checks = health["checks"]
+    assert isinstance(checks, dict)
+    assert checks[f"outbound:weather:{upstream.url}"][0]["observedValue"] == "closed"
+    assert checks[f"outbound:partner:{partner_url}"][0]["observedValue"] == "open"
+    assert checks["breaker:state"][0]["observedValue"] == "closed"  # the database's: untouched
+    assert health["status"] == "warn"
+    labels = f'client="weather",origin="{upstream.url}"'
+    assert f"guardrails_outbound_calls_total{{{labels}}} 4.0" in metrics
+    assert f"guardrails_outbound_retries_total{{{labels}}} 4.0" in metrics
+    for served in (app, upstream):
+        assert served is not None
+        assert "Traceback" not in served.output()
 
 
 def _serverless(*args: str) -> subprocess.CompletedProcess[str]:

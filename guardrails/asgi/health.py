@@ -14,8 +14,9 @@ for humans). Three views, for people and for orchestrators:
   report's status is fail.
 
 The endpoint reads in-memory state only: it never touches the database, bypasses the
-limiter (it is exempt by its own policy), and never shows DSNs, hosts, SQL or
-exception text.
+limiter (it is exempt by its own policy), and never shows DSNs, database hosts, SQL
+or exception text. Outbound checks are named by their origin (``scheme://host:port``,
+never a path, query or credentials).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from guardrails.policy import POLICY_ATTRIBUTE, Policy
 if TYPE_CHECKING:
     from guardrails.guard import Guardrails
 
-__all__ = ["FAIL_CONDITIONS", "HealthEndpoint"]
+__all__ = ["FAIL_CONDITIONS", "HealthEndpoint", "outbound_checks"]
 
 _EXEMPT = Policy(exempt=True)
 _HEADERS = [
@@ -218,6 +219,10 @@ def build_report(snapshot: dict[str, Any], judged: tuple[str, list[str]]) -> dic
         acquire_p95 = pool.get("acquire_wait_p95_seconds")
         if acquire_p95 is not None:
             checks[f"{name}:acquire_wait_p95"] = _check(round(acquire_p95, 4), "s", "pass", now)
+    outbound = outbound_checks(snapshot.get("outbound", ()), now)
+    checks.update(outbound)
+    if status == "pass" and any(check[0]["status"] != "pass" for check in outbound.values()):
+        status = "warn"
     document: dict[str, Any] = {
         "status": status,
         "description": "guardrails: database admission, circuit breaker and pools",
@@ -227,6 +232,38 @@ def build_report(snapshot: dict[str, Any], judged: tuple[str, list[str]]) -> dic
     if output:
         document["output"] = output
     return document
+
+
+def outbound_checks(transports: Iterable[dict[str, Any]], now: str) -> dict[str, Any]:
+    """One check per origin of each ``GuardedTransport``: its breaker's state.
+
+    An open origin is a warning, never a failure: restarting this process or taking it
+    out of the load balancer does not bring another service back.
+    """
+    checks: dict[str, Any] = {}
+    for transport in transports:
+        for origin in transport["origins"]:
+            breaker = origin["breaker"]
+            state = breaker["state"]
+            note = _OUTBOUND_NOTES.get(state)
+            checks[f"outbound:{transport['name']}:{origin['origin']}"] = _check(
+                state,
+                None,
+                "pass" if state == "closed" else "warn",
+                now,
+                componentType="component",
+                retryAfter=breaker["retry_after"],
+                failures=breaker["failures"],
+                inFlight=origin["in_flight"],
+                **({"output": note.format(origin["origin"])} if note else {}),
+            )
+    return checks
+
+
+_OUTBOUND_NOTES = {
+    "open": "{}: circuit breaker open, calls refused",
+    "half_open": "{}: circuit breaker half-open, one trial call under way",
+}
 
 
 def _output(snapshot: dict[str, Any], failing: list[str]) -> str:
@@ -247,6 +284,10 @@ def _output(snapshot: dict[str, Any], failing: list[str]) -> str:
     if triage.get("kind", "none") != "none":
         notes.append(f"pool trouble: {triage['kind']}")
     notes.extend(warning["text"] for warning in snapshot.get("warnings", ()))
+    for transport in snapshot.get("outbound", ()):
+        for origin in transport["origins"]:
+            if origin["breaker"]["state"] != "closed":
+                notes.append(_OUTBOUND_NOTES[origin["breaker"]["state"]].format(origin["origin"]))
     if failing:
         notes.append(f"failing: {', '.join(failing)}")
     return "; ".join(notes)

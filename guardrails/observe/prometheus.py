@@ -15,7 +15,7 @@ pays nothing for metrics. Names follow Prometheus conventions (``_total`` counte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -33,7 +33,7 @@ from guardrails.policy import POLICY_ATTRIBUTE, Policy
 if TYPE_CHECKING:
     from guardrails.guard import Guardrails
 
-__all__ = ["GuardrailsCollector", "metrics_endpoint"]
+__all__ = ["GuardrailsCollector", "metrics_endpoint", "outbound_metrics"]
 
 _STATES = ("closed", "open", "half_open")
 
@@ -141,6 +141,7 @@ class GuardrailsCollector(Collector):
             1.0 if snapshot["read_only"]["enabled"] else 0.0,
         )
         yield from self._pools(snapshot["pools"], base, base_values)
+        yield from outbound_metrics(snapshot.get("outbound", ()), base, base_values)
 
     def _pools(
         self, pools: list[dict[str, Any]], base: list[str], base_values: list[str]
@@ -184,6 +185,67 @@ class GuardrailsCollector(Collector):
                     histogram["sum"],
                 )
         yield acquire
+
+
+def outbound_metrics(
+    transports: Iterable[dict[str, Any]], base: list[str], base_values: list[str]
+) -> Iterator[Metric]:
+    """Calls, failures, retries, refusals, latency and breaker state per outbound origin.
+
+    Labelled ``client`` (the ``GuardedTransport``'s name) and ``origin``
+    (``scheme://host:port``); ``reason`` for refusals, ``state`` for the breaker.
+    """
+    labels = [*base, "client", "origin"]
+    counters = {
+        "calls_total": ("guardrails_outbound_calls", "Outbound calls made (retries not counted)."),
+        "attempts_total": (
+            "guardrails_outbound_attempts",
+            "Outbound requests sent to the origin: first tries and retries.",
+        ),
+        "failures_total": (
+            "guardrails_outbound_failures",
+            "Outbound attempts that ended in an outage of the origin.",
+        ),
+        "retries_total": ("guardrails_outbound_retries", "Outbound retries made."),
+    }
+    families = {
+        key: CounterMetricFamily(name, doc, labels=labels) for key, (name, doc) in counters.items()
+    }
+    refused = CounterMetricFamily(
+        "guardrails_outbound_refused",
+        "Outbound calls refused or cut short, by reason.",
+        labels=[*labels, "reason"],
+    )
+    latency = HistogramMetricFamily(
+        "guardrails_outbound_latency_seconds",
+        "Time from an outbound call's start to its response headers or failure, retries included.",
+        labels=labels,
+    )
+    state = GaugeMetricFamily(
+        "guardrails_outbound_breaker_state",
+        "1 for the origin breaker's current state, 0 for the others.",
+        labels=[*labels, "state"],
+    )
+    in_flight = GaugeMetricFamily(
+        "guardrails_outbound_in_flight",
+        "Outbound requests sent to the origin and not yet answered in full.",
+        labels=labels,
+    )
+    for transport in transports:
+        for origin in transport["origins"]:
+            values = [*base_values, transport["name"], origin["origin"]]
+            for key, family in families.items():
+                family.add_metric(values, origin[key])
+            for reason, count in origin["refused"].items():
+                refused.add_metric([*values, reason], count)
+            histogram = origin["latency"]
+            latency.add_metric(values, histogram["buckets"], histogram["sum"])
+            for name in _STATES:
+                current = origin["breaker"]["state"] == name
+                state.add_metric([*values, name], 1.0 if current else 0.0)
+            in_flight.add_metric(values, origin["in_flight"])
+    yield from families.values()
+    yield from (refused, latency, state, in_flight)
 
 
 class _MetricsEndpoint:
