@@ -19,6 +19,7 @@ from upstream import Upstream
 
 import guardrails as gr
 from guardrails import context
+from guardrails.outcome import Outcome
 
 pytestmark = pytest.mark.anyio
 
@@ -444,7 +445,7 @@ async def test_retry_after_longer_than_a_retry_may_wait_is_not_waited_for(
     async with client(transport) as http:
         response = await http.get(upstream.url + "/flaky/much-later?fail=1&retry_after=5")
         deadline = anyio.current_time() + 0.5
-        token = context.enter(context.CallContext("/route", deadline=deadline))
+        token = context.enter(context.CallContext("/route", Outcome(guard), deadline=deadline))
         try:
             inside = await http.get(upstream.url + "/flaky/past-deadline?fail=1&retry_after=1")
         finally:
@@ -481,7 +482,11 @@ class inside_request:
         self.deadline = anyio.current_time() + seconds
 
     def __enter__(self) -> float:
-        self.token = context.enter(context.CallContext("/route", deadline=self.deadline))
+        self.token = context.enter(
+            context.CallContext(
+                "/route", Outcome(gr.Guardrails(concurrency=1)), deadline=self.deadline
+            )
+        )
         return self.deadline
 
     def __exit__(self, *exc: object) -> None:
