@@ -799,3 +799,43 @@ async def test_an_answer_read_in_full_gives_its_place_back_at_once(
             assert (await http.get(upstream.url + "/remembered")).text == "ok"
     assert upstream.hits["/remembered"] == 1
     assert origin_of(transport, upstream.url)["in_flight"] == 0
+
+
+# -- behind the middleware ------------------------------------------------------------------
+
+
+async def test_an_origin_refusal_escaping_a_route_is_a_503_with_its_retry_after(
+    guard: gr.Guardrails, dead: Upstream
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    transport = gr.GuardedTransport(
+        guard=guard,
+        breaker=gr.BreakerSettings(fail_max=1, reset_timeout=30),
+        retry=gr.RetrySettings(attempts=1),
+    )
+    partner = httpx.AsyncClient(transport=transport)
+
+    @gr.policy(stale_ttl=600)
+    async def plain(request: Request) -> Response:
+        await partner.get(dead.url + "/plain")
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/plain", plain)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    asgi = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=asgi, base_url="http://app") as http, partner:
+        # The route's own 500 while the origin's breaker is still closed (a ConnectError).
+        assert (await http.get("/plain")).status_code == 500
+        refused = await http.get("/plain")  # the breaker is open now: refused at once
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "unavailable"
+        assert int(refused.headers["retry-after"]) >= 25
+    # Nothing reached the database breaker (the guard fixture checks it too).
+    assert guard.breaker.state == "closed"

@@ -26,6 +26,7 @@ from guardrails.asgi.stored import CachePlan, Capture, replay
 from guardrails.breaker import CLOSED
 from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
+from guardrails.outbound.errors import OriginUnavailable
 from guardrails.outcome import Outcome
 from guardrails.policy import OnUnavailable
 from guardrails.pools import request_finished
@@ -276,6 +277,15 @@ class GuardedRequest(context.CallContext):
                 # says nothing about the database.
                 outcome.abandon()
                 raise
+            origin = _origin_refusal(exc)
+            if origin is not None:
+                # Another service is down, not the database: its retry_after, the
+                # route's fallback, and the database's breaker left alone.
+                outcome.abandon()
+                self.release()
+                retry_after = max(1, origin.retry_after)
+                await self._refuse(Refusal("unavailable", "origin_unavailable", retry_after))
+                return
             if outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
             await self._answer_outage(exc)
@@ -404,4 +414,16 @@ def _content_length(scope: Scope) -> int | None:
                 return int(value)
             except ValueError:
                 return None
+    return None
+
+
+def _origin_refusal(exc: BaseException) -> OriginUnavailable | None:
+    """The outbound refusal behind ``exc``, if an outbound call's failure escaped the app."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OriginUnavailable):
+            return current
+        current = current.__cause__
+        seen += 1
     return None
