@@ -25,7 +25,7 @@ from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
 from guardrails.context import NO_REQUEST
 from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
-from guardrails.fallback import ResponseStore
+from guardrails.fallback import CREDENTIAL_HEADERS, ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
@@ -102,6 +102,7 @@ class Guardrails:
         error_response: ErrorResponseFactory | None = None,
         early_warning: EarlyWarning | None = None,
         coordinator: Coordinator | None = None,
+        identity_headers: Iterable[str] = (),
     ) -> None:
         if (concurrency is None) == (budget is None):
             raise ValueError(
@@ -157,6 +158,18 @@ class Guardrails:
             )
         self.cache = cache
         """Where responses of routes with ``cache_ttl``/``stale_ttl`` are kept, or None."""
+        if isinstance(identity_headers, str | bytes) or not all(
+            isinstance(name, str) and name.strip() for name in identity_headers
+        ):
+            raise TypeError(
+                "identity_headers must be a list of header names, e.g. "
+                f"('x-tenant-token',), not {identity_headers!r}"
+            )
+        self.credential_headers = CREDENTIAL_HEADERS | frozenset(
+            name.strip().lower().encode("latin-1") for name in identity_headers
+        )
+        """Request headers that say who is asking (lowercase): such requests are cached
+        only under a policy's ``cache_key``; the defaults plus ``identity_headers``."""
         if not isinstance(read_only_on_open, bool):
             raise TypeError(f"read_only_on_open must be True or False, not {read_only_on_open!r}")
         self.read_only_on_open = read_only_on_open

@@ -103,6 +103,7 @@ def test_defaults_and_protocol() -> None:
     assert store.snapshot() == {
         "kind": "memory",
         "entries": 0,
+        "protected": 0,
         "bytes": 0,
         "max_entries": 10_000,
         "max_bytes": 64 * 2**20,
@@ -130,6 +131,19 @@ async def test_lru_evicts_least_recently_used_entry() -> None:
     assert [await cache.get(k) for k in "acd"] == [a, c, d]
     snap = cache.snapshot()
     assert (snap["entries"], snap["evictions"], snap["hits"], snap["misses"]) == (3, 1, 4, 1)
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_one_off_urls_does_not_push_out_a_page_in_use() -> None:
+    cache = MemoryCache(max_entries=1000)
+    page = response(b"the dashboard")
+    await cache.set("/dashboard", page, 600)
+    await cache.set("/dashboard", page, 600)  # stored again by the next visitor: in use
+    for n in range(1100):  # one request each, every one with its own query string
+        await cache.set(f"/dashboard?junk={n}", response(b"junk"), 600)
+    assert await cache.get("/dashboard") is page
+    snap = cache.snapshot()
+    assert (snap["entries"], snap["protected"], snap["evictions"]) == (1000, 1, 101)
 
 
 @pytest.mark.anyio
@@ -297,7 +311,9 @@ async def test_random_workloads_respect_every_limit(ops: list[tuple[object, ...]
         snap = cache.snapshot()
         assert snap["bytes"] <= 1000
         assert snap["entries"] <= 5
-        assert snap["bytes"] == sum(cost(k, v[0]) for k, v in cache._entries.items())
+        kept = {**cache._entries, **cache._protected}
+        assert len(kept) == len(cache._entries) + len(cache._protected)  # in one segment only
+        assert snap["bytes"] == sum(cost(k, v[0]) for k, v in kept.items())
 
 
 # --- cacheability rules -----------------------------------------------------------------
@@ -374,8 +390,15 @@ def test_key_is_a_stable_sha256_hex_digest() -> None:
     key = make_key("GET", "/a", b"x=1", [], (), None)
     assert re.fullmatch("[0-9a-f]{64}", key), key
     # The same key in every process and release: a shared store outlives restarts.
-    # Fields: no Host, method, path, query, no user key, no Vary names.
-    assert key == hashlib.sha256(b"gr2,1:-,3:GET,2:/a,3:x=1,1:-,0,").hexdigest()
+    # Fields: scheme, no Host, method, path, query, no user key, none of the three
+    # forwarding headers, no Vary names.
+    assert (
+        key
+        == hashlib.sha256(
+            b"gr3,4:http,1:-,3:GET,2:/a,3:x=1,1:-,"
+            b"9:forwarded,0,16:x-forwarded-host,0,17:x-forwarded-proto,0,0,"
+        ).hexdigest()
+    )
     # Headers outside Vary leave it alone; every input that is part of it changes it.
     assert key == make_key("GET", "/a", b"x=1", [(b"accept", b"*/*")], (), None)
     others = {
@@ -385,8 +408,12 @@ def test_key_is_a_stable_sha256_hex_digest() -> None:
         make_key("GET", "/a", b"x=1", [(b"host", b"a.example")], (), None),
         make_key("GET", "/a", b"x=1", [], (b"accept",), None),
         make_key("GET", "/a", b"x=1", [], (), "user-1"),
+        make_key("GET", "/a", b"x=1", [], (), None, scheme="https"),
+        make_key("GET", "/a", b"x=1", [(b"x-forwarded-host", b"evil.example")], (), None),
+        make_key("GET", "/a", b"x=1", [(b"x-forwarded-proto", b"https")], (), None),
+        make_key("GET", "/a", b"x=1", [(b"forwarded", b"host=evil.example")], (), None),
     }
-    assert len(others) == 6
+    assert len(others) == 10
     assert key not in others
 
 

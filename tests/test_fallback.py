@@ -125,13 +125,15 @@ async def test_stale_while_the_database_is_down_read_only_writes_and_recovery(
 
 def build_app(guard: gr.Guardrails) -> Starlette:
     async def page(request: Request) -> Response:
-        who = request.headers.get("authorization") or request.cookies.get("session")
         return JSONResponse(
             {
-                "for": who,
+                "for": user_key(request),
                 "path": request.url.path,
                 "host": request.headers.get("host"),
                 "lang": request.headers.get("accept-language"),
+                # Behind a proxy, links are rendered for the host and scheme it names.
+                "site": request.headers.get("x-forwarded-host"),
+                "proto": request.headers.get("x-forwarded-proto"),
             },
             headers={"vary": "Accept-Language"},
         )
@@ -145,7 +147,12 @@ def build_app(guard: gr.Guardrails) -> Starlette:
         return JSONResponse({"for": None}, headers={"cache-control": request.query_params["cc"]})
 
     def user_key(request: Request) -> str | None:
-        return request.headers.get("authorization") or request.cookies.get("session")
+        return (
+            request.headers.get("authorization")
+            or request.cookies.get("session")
+            or request.headers.get("x-api-key")
+            or request.headers.get("x-tenant-token")
+        )
 
     @gr.policy(stale_ttl=60, cache_key=user_key)
     async def mine(request: Request) -> Response:
@@ -169,14 +176,17 @@ def build_app(guard: gr.Guardrails) -> Starlette:
     return Starlette(routes=routes, middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)])
 
 
-Ask = tuple[str, str | None, str, str, str | None]
+Ask = tuple[str, str | None, str, str, str | None, str | None, str | None]
 REQUESTS = st.lists(
     st.tuples(
         st.sampled_from(["/mine/1", "/mine/2", "/shared/1", "/shared/2", "/fresh/1", "/fresh/2"]),
         st.sampled_from([None, "alice", "bob", "carol"]),
-        st.sampled_from(["authorization", "cookie"]),
+        # Every way a user says who they are: the defaults and one identity_headers entry.
+        st.sampled_from(["authorization", "cookie", "x-api-key", "x-tenant-token"]),
         st.sampled_from(["a.example", "b.example"]),
         st.sampled_from([None, "en", "fr"]),
+        st.sampled_from([None, "evil.example"]),  # X-Forwarded-Host
+        st.sampled_from([None, "https"]),  # X-Forwarded-Proto
     ),
     min_size=1,
     max_size=12,
@@ -190,38 +200,52 @@ def test_no_cached_response_ever_reaches_a_user_it_was_not_made_for(
 ) -> None:
     """Users, hosts and Vary'd headers at random, served live, from fresh hits and stale."""
 
-    def headers(user: str | None, how: str, host: str, lang: str | None) -> dict[str, str]:
+    def headers(
+        user: str | None, how: str, host: str, lang: str | None, site: str | None, proto: str | None
+    ) -> dict[str, str]:
         sent = {"host": host}
         if lang is not None:
             sent["accept-language"] = lang
+        if site is not None:
+            sent["x-forwarded-host"] = site
+        if proto is not None:
+            sent["x-forwarded-proto"] = proto
         if user is not None:
-            sent.update(
-                {"authorization": user} if how == "authorization" else {"cookie": f"session={user}"}
-            )
+            sent.update({"cookie": f"session={user}"} if how == "cookie" else {how: user})
         return sent
 
-    def check(
-        response: httpx.Response, path: str, user: str | None, host: str, lang: str | None
-    ) -> None:
-        assert response.json() == {"for": user, "path": path, "host": host, "lang": lang}
+    def check(response: httpx.Response, path: str, *asked: str | None) -> None:
+        user, _, host, lang, site, proto = asked
+        assert response.json() == {
+            "for": user,
+            "path": path,
+            "host": host,
+            "lang": lang,
+            "site": site,
+            "proto": proto,
+        }
         if response.headers.get("x-guardrails") and path.startswith("/shared/"):
             assert user is None  # credentials without cache_key: never stored
 
     async def scenario() -> None:
-        guard = gr.Guardrails(concurrency=4, cache=MemoryCache(max_entries=50))
+        guard = gr.Guardrails(
+            concurrency=4,
+            cache=MemoryCache(max_entries=50),
+            identity_headers=("x-tenant-token",),
+        )
         async with client_for(build_app(guard)) as client:
-            for path, user, how, host, lang in warm:  # healthy: live answers or fresh hits
-                response = await client.get(path, headers=headers(user, how, host, lang))
+            for path, *asked in warm:  # healthy: live answers or fresh hits
+                response = await client.get(path, headers=headers(*asked))  # type: ignore[arg-type]
                 assert response.status_code == 200
                 assert response.headers.get("x-guardrails") in (None, "hit")
-                check(response, path, user, host, lang)
+                check(response, path, *asked)
             open_breaker(guard)  # from now on only stored responses can answer
-            for path, user, how, host, lang in probe:
-                response = await client.get(path, headers=headers(user, how, host, lang))
+            for path, *asked in probe:
+                response = await client.get(path, headers=headers(*asked))  # type: ignore[arg-type]
                 if response.status_code == 503:
                     continue
                 assert response.headers["x-guardrails"] in ("stale", "hit")
-                check(response, path, user, host, lang)
+                check(response, path, *asked)
 
     anyio.run(scenario)
 
@@ -487,3 +511,40 @@ async def test_the_slot_goes_back_before_a_slow_store_finishes_writing() -> None
         store.may_finish.set()
     assert in_flight_while_writing == 0
     assert store.snapshot()["entries"] >= 1
+
+
+async def test_broken_callbacks_never_turn_into_500s(caplog: pytest.LogCaptureFixture) -> None:
+    def numeric_key(request: Request) -> Any:
+        return 42  # not a str: the request goes on, uncached
+
+    def not_a_response(request: Request, error: str, retry_after: int) -> Any:
+        return {"error": error}  # not a Response: the default 503 goes out
+
+    @gr.policy(stale_ttl=60, cache_key=numeric_key)
+    async def page(request: Request) -> Response:
+        return JSONResponse({"page": 1})
+
+    guard = gr.Guardrails(
+        concurrency=2, cache=MemoryCache(max_entries=10), error_response=not_a_response
+    )
+    app = Starlette(
+        routes=[Route("/page", page)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+    with caplog.at_level("WARNING", logger="guardrails"):
+        async with client_for(app) as client:
+            live = [await client.get("/page", headers={"cookie": "s=1"}) for _ in range(3)]
+            open_breaker(guard)
+            refused = [await client.get("/page", headers={"cookie": "s=1"}) for _ in range(3)]
+    assert [r.status_code for r in live] == [200] * 3
+    assert all("x-guardrails" not in r.headers for r in live)
+    assert [r.status_code for r in refused] == [503] * 3
+    assert refused[0].json() == {
+        "error": "unavailable",
+        "retry_after": refused[0].json()["retry_after"],
+    }
+    assert int(refused[0].headers["retry-after"]) >= 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "guardrails"]
+    # Once each, whatever the number of requests; no driver or app text in them.
+    assert sum("cache_key of /page returned int" in m for m in messages) == 1
+    assert sum("error_response factory returned dict" in m for m in messages) == 1

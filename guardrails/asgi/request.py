@@ -99,7 +99,12 @@ class GuardedRequest(context.CallContext):
         store = self.middleware.guard.cache
         if resolved.caches and store is not None:
             self.plan = CachePlan.make(
-                self.scope, self.route, resolved.policy, store, self.middleware.warned
+                self.scope,
+                self.route,
+                resolved.policy,
+                store,
+                self.middleware.guard.credential_headers,
+                self.middleware.warned,
             )
             if self.plan is not None and await self._serve_fresh():
                 return

@@ -33,7 +33,17 @@ def _warn_once(warned: set[str], route: str, what: str, exc: BaseException | Non
 class CachePlan:
     """How one request reads and writes the response store (only for caching routes)."""
 
-    __slots__ = ("headers", "limit", "method", "path", "policy", "query", "store", "user_key")
+    __slots__ = (
+        "headers",
+        "limit",
+        "method",
+        "path",
+        "policy",
+        "query",
+        "scheme",
+        "store",
+        "user_key",
+    )
 
     def __init__(
         self, store: ResponseStore, scope: Scope, policy: Policy, user_key: str | None
@@ -43,6 +53,7 @@ class CachePlan:
         self.path: str = scope["path"]
         self.query: bytes = scope.get("query_string", b"")
         self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self.scheme: str = scope.get("scheme", "http")
         self.policy = policy
         self.user_key = user_key
         self.limit: int = getattr(store, "max_entry_bytes", _DEFAULT_ENTRY_LIMIT)
@@ -50,7 +61,13 @@ class CachePlan:
 
     @classmethod
     def make(
-        cls, scope: Scope, route: str, policy: Policy, store: ResponseStore, warned: set[str]
+        cls,
+        scope: Scope,
+        route: str,
+        policy: Policy,
+        store: ResponseStore,
+        credentials: frozenset[bytes],
+        warned: set[str],
     ) -> CachePlan | None:
         """The plan for a request, or None when it may not be cached or served a copy.
 
@@ -67,7 +84,11 @@ class CachePlan:
             if user_key is not None and not isinstance(user_key, str):
                 _warn_once(warned, route, f"returned {type(user_key).__name__}, not a str", None)
                 return None
-        if not fallback.request_cacheable(scope["method"], scope["headers"], user_key is not None):
+        # A request that says who is asking (``credentials``: header names) is served and
+        # stored only under the policy's cache_key, never under a shared key.
+        if not fallback.request_cacheable(
+            scope["method"], scope["headers"], user_key is not None, credentials
+        ):
             return None
         return cls(store, scope, policy, user_key)
 
@@ -76,7 +97,13 @@ class CachePlan:
         if max_age is None:
             return None
         found = await fallback.lookup(
-            self.store, self.method, self.path, self.query, self.headers, self.user_key
+            self.store,
+            self.method,
+            self.path,
+            self.query,
+            self.headers,
+            self.user_key,
+            scheme=self.scheme,
         )
         if found is None or time.time() - found.stored_at > max_age:
             return None
@@ -100,6 +127,7 @@ class CachePlan:
             self.user_key,
             response,
             ttl,
+            scheme=self.scheme,
         )
 
 

@@ -19,11 +19,17 @@ from guardrails.fallback.memory import MemoryCache
 from guardrails.fallback.redis import RedisCache
 from guardrails.fallback.replay import age_header, stale_headers
 from guardrails.fallback.response import CachedResponse
-from guardrails.fallback.rules import request_cacheable, response_cacheable, vary_names
+from guardrails.fallback.rules import (
+    CREDENTIAL_HEADERS,
+    request_cacheable,
+    response_cacheable,
+    vary_names,
+)
 from guardrails.fallback.store import ResponseStore, lookup, remember
 from guardrails.fallback.wire import decode_response, encode_response
 
 __all__ = [
+    "CREDENTIAL_HEADERS",
     "CachedResponse",
     "MemoryCache",
     "RedisCache",

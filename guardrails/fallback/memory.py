@@ -20,15 +20,21 @@ def _positive_int(value: object, name: str, hint: str) -> int:
 
 
 class MemoryCache:
-    """In-process LRU response store with per-entry TTL and a hard byte limit.
+    """In-process response store with per-entry TTL, a hard byte limit and scan-resistant
+    eviction.
 
     Calls never block and never do I/O: its async ``get``, ``set`` and ``delete`` (the
     :class:`~guardrails.fallback.store.ResponseStore` protocol) finish without awaiting
     anything. ``get`` and ``set`` are O(1) (amortized for evictions). The accounted size
     of an entry is its key length plus :attr:`CachedResponse.size`; the total never
     exceeds ``max_bytes``. Expired entries are misses and are dropped when met: on
-    access, or at the LRU end while making room. TTLs use ``clock`` (monotonic seconds).
-    Not thread-safe: use it from one event loop.
+    access, or while making room. TTLs use ``clock`` (monotonic seconds).
+
+    Eviction is a segmented LRU: a new entry starts *on probation*; one that is read
+    back or stored again (a page in use) moves to the *protected* segment, which holds
+    at most four fifths of ``max_entries``. Room is made from probation first, so a
+    flood of one-off URLs (random query strings) churns among itself and does not push
+    out the pages people actually use. Not thread-safe: use it from one event loop.
     """
 
     __slots__ = (
@@ -38,6 +44,7 @@ class MemoryCache:
         "_max_bytes",
         "_max_entries",
         "_max_entry_bytes",
+        "_protected",
         "evictions",
         "expired",
         "hits",
@@ -66,8 +73,10 @@ class MemoryCache:
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
         self._clock = clock
-        # key -> (response, expires_at, accounted size); oldest use first.
+        # key -> (response, expires_at, accounted size); oldest use first. _entries is
+        # the probation segment, _protected the entries used more than once.
         self._entries: OrderedDict[str, tuple[CachedResponse, float, int]] = OrderedDict()
+        self._protected: OrderedDict[str, tuple[CachedResponse, float, int]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -91,23 +100,32 @@ class MemoryCache:
         return self._max_entry_bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._protected)
 
     async def get(self, key: str) -> CachedResponse | None:
         """The live entry under ``key`` (now the most recently used), or None."""
-        entry = self._entries.get(key)
+        entry = self._protected.pop(key, None)
+        if entry is None:
+            entry = self._entries.pop(key, None)
         if entry is None:
             self.misses += 1
             return None
         if entry[1] <= self._clock():
-            del self._entries[key]
             self._bytes -= entry[2]
             self.expired += 1
             self.misses += 1
             return None
-        self._entries.move_to_end(key)
+        self._protect(key, entry)
         self.hits += 1
         return entry[0]
+
+    def _protect(self, key: str, entry: tuple[CachedResponse, float, int]) -> None:
+        protected = self._protected
+        protected[key] = entry
+        if len(protected) > max(1, self._max_entries * 4 // 5):
+            # The least recently used protected entry goes back on probation.
+            demoted, held = protected.popitem(last=False)
+            self._entries[demoted] = held
 
     async def set(self, key: str, response: CachedResponse, ttl: float | timedelta) -> None:
         """Keep ``response`` for ``ttl`` seconds, evicting least recently used entries.
@@ -121,23 +139,33 @@ class MemoryCache:
         if size > self._max_entry_bytes:
             self.too_large += 1
             return
-        entries = self._entries
-        old = entries.pop(key, None)
+        old = self._protected.pop(key, None)
+        if old is None:
+            old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old[2]
         if not ttl > 0:
             return
-        entries[key] = (response, self._clock() + ttl, size)
+        entry = (response, self._clock() + ttl, size)
+        if old is not None:
+            self._protect(key, entry)  # stored again: a page in use
+        else:
+            self._entries[key] = entry
         self._bytes += size
-        if self._bytes > self._max_bytes or len(entries) > self._max_entries:
-            self._make_room()
+        if self._bytes > self._max_bytes or len(self) > self._max_entries:
+            self._make_room(key)
 
-    def _make_room(self) -> None:
-        # The new entry is the most recent and fits on its own, so this stops before it.
-        entries = self._entries
+    def _make_room(self, keep: str) -> None:
+        # Probation first, least recently used first; the entry just stored fits on its
+        # own, so this stops before it.
         now = self._clock()
-        while self._bytes > self._max_bytes or len(entries) > self._max_entries:
-            _, (_, expires_at, size) = entries.popitem(last=False)
+        while self._bytes > self._max_bytes or len(self) > self._max_entries:
+            segment = self._entries if self._entries else self._protected
+            key, (_, expires_at, size) = segment.popitem(last=False)
+            if key == keep:  # the newest entry is all that is left on probation
+                segment[key] = (_, expires_at, size)
+                segment = self._protected
+                key, (_, expires_at, size) = segment.popitem(last=False)
             self._bytes -= size
             if expires_at <= now:
                 self.expired += 1
@@ -146,13 +174,16 @@ class MemoryCache:
 
     async def delete(self, key: str) -> None:
         """Forget ``key``; no error if absent."""
-        old = self._entries.pop(key, None)
+        old = self._protected.pop(key, None)
+        if old is None:
+            old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old[2]
 
     def clear(self) -> None:
         """Drop every entry (counters are kept)."""
         self._entries.clear()
+        self._protected.clear()
         self._bytes = 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -162,7 +193,8 @@ class MemoryCache:
         """
         return {
             "kind": "memory",
-            "entries": len(self._entries),
+            "entries": len(self),
+            "protected": len(self._protected),
             "bytes": self._bytes,
             "max_entries": self.max_entries,
             "max_bytes": self.max_bytes,

@@ -3,14 +3,15 @@
 It knows method, status and raw header pairs only, never ASGI (DESIGN.md, "Fallback
 never leaks data"):
 
-- request: only ``GET``/``HEAD``; a request carrying ``Authorization`` or ``Cookie`` only
-  when the policy's ``cache_key`` gave a key for it (``has_cache_key=True``);
+- request: only ``GET``/``HEAD``; a request carrying a credential header
+  (:data:`CREDENTIAL_HEADERS`, plus the app's ``identity_headers``) only when the
+  policy's ``cache_key`` gave a key for it (``has_cache_key=True``);
 - response: only status 200, no ``Set-Cookie``, no ``Cache-Control`` ``private``,
   ``no-store`` (nor ``no-cache``, see below), never ``Vary: *``.
 
 Decisions beyond DESIGN.md:
 
-- A request with ``Authorization``/``Cookie`` is cacheable only with a user key from the
+- A request with a credential header is cacheable only with a user key from the
   policy's ``cache_key``; that key is the only thing separating users (the credentials
   themselves are not mixed into the key), so it must identify whoever may see the data.
 - ``Cache-Control: no-cache`` (bare or with a field list) is not cacheable: it says no
@@ -29,27 +30,50 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["Headers", "request_cacheable", "response_cacheable", "vary_names"]
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "Headers",
+    "request_cacheable",
+    "response_cacheable",
+    "vary_names",
+]
 
 Headers = Sequence[tuple[bytes, bytes]]
 """Raw ``(name, value)`` header pairs, as a request or response carries them."""
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
-_CREDENTIALS = frozenset({b"authorization", b"cookie"})
+CREDENTIAL_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"proxy-authorization",
+        b"cookie",
+        b"x-api-key",
+        b"x-auth-token",
+        b"x-csrf-token",
+    }
+)
+"""Request headers that say who is asking: such a request is never served or stored under
+a shared key, only under the policy's ``cache_key``."""
 _FORBIDDING = frozenset({"private", "no-store", "no-cache"})
 
 
-def request_cacheable(method: str, headers: Headers, has_cache_key: bool) -> bool:
+def request_cacheable(
+    method: str,
+    headers: Headers,
+    has_cache_key: bool,
+    credentials: frozenset[bytes] = CREDENTIAL_HEADERS,
+) -> bool:
     """May the response to this request be stored and replayed to the same key?
 
-    Only ``GET`` and ``HEAD``; with ``Authorization`` or ``Cookie`` only when the policy's
-    ``cache_key`` returned a key for this request (pass False if it returned None).
+    Only ``GET`` and ``HEAD``; with a credential header (lowercase names in
+    ``credentials``) only when the policy's ``cache_key`` returned a key for this
+    request (pass False if it returned None).
     """
     if method not in _CACHEABLE_METHODS:
         return False
     if has_cache_key:
         return True
-    return all(name.lower() not in _CREDENTIALS for name, _ in headers)
+    return all(name.lower() not in credentials for name, _ in headers)
 
 
 def _directive_names(value: bytes) -> list[str]:

@@ -71,13 +71,16 @@ async def lookup(
     query_string: bytes,
     request_headers: Headers,
     user_key: str | None,
+    *,
+    scheme: str = "http",
 ) -> CachedResponse | None:
     """The stored response for this request, following a ``Vary`` record if there is one."""
-    found = await store.get(make_key(method, path, query_string, request_headers, (), user_key))
+    base = make_key(method, path, query_string, request_headers, (), user_key, scheme=scheme)
+    found = await store.get(base)
     if found is None or found.status != _VARY_RECORD:
         return found
     return await store.get(
-        make_key(method, path, query_string, request_headers, found.vary, user_key)
+        make_key(method, path, query_string, request_headers, found.vary, user_key, scheme=scheme)
     )
 
 
@@ -90,6 +93,8 @@ async def remember(
     user_key: str | None,
     response: CachedResponse,
     ttl: float | timedelta,
+    *,
+    scheme: str = "http",
 ) -> None:
     """Store ``response`` for ``ttl`` seconds as the answer to this request.
 
@@ -98,13 +103,15 @@ async def remember(
     _check_storable(response)
     if isinstance(ttl, timedelta):
         ttl = ttl.total_seconds()
-    base = make_key(method, path, query_string, request_headers, (), user_key)
+    base = make_key(method, path, query_string, request_headers, (), user_key, scheme=scheme)
     if not response.vary:
         await store.set(base, response, ttl)
         return
     await store.set(base, _vary_record(response), ttl)
     await store.set(
-        make_key(method, path, query_string, request_headers, response.vary, user_key),
+        make_key(
+            method, path, query_string, request_headers, response.vary, user_key, scheme=scheme
+        ),
         response,
         ttl,
     )
