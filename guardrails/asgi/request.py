@@ -108,9 +108,13 @@ class GuardedRequest(context.CallContext):
             )
             if self.plan is not None and await self._serve_fresh():
                 return
-        refusal = self._refuse_write() or self._pass_breaker()
+        refusal = self._refuse_write()
         if refusal is None:
+            # Before the breaker: a client sending its body slowly must not sit on the
+            # half-open trial (nor, below, on a slot).
             refusal = await self._read_body(receive)
+        if refusal is None:
+            refusal = self._pass_breaker()
         if refusal is None:
             refusal = await self._take_slot()
         if refusal is not None:
