@@ -7,6 +7,7 @@ import logging
 
 import anyio
 import anyio.lowlevel
+import psycopg
 import pytest
 
 import guardrails as gr
@@ -26,7 +27,9 @@ class Clock:
 
 
 def outage() -> BaseException:
-    return ConnectionRefusedError(111, "Connection refused")
+    # What psycopg raises for a connection that failed: an outage by its type (a builtin
+    # ConnectionRefusedError counts only when a driver raised it).
+    return psycopg.OperationalError("connection failed")
 
 
 def app_error() -> BaseException:
@@ -185,7 +188,7 @@ async def test_call_awaits_the_coroutine_before_recording() -> None:
         await anyio.lowlevel.checkpoint()
         raise outage()
 
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(psycopg.OperationalError):
         await breaker.call(refused)
     assert breaker.state == "open"
     with pytest.raises(gr.Unavailable):

@@ -360,9 +360,9 @@ async def test_rejoins_when_redis_comes_back(redis_factory: Callable[[], RedisSe
 
 
 async def refused() -> None:
-    """A real outage: a connection refused by a port nobody listens on."""
-    _, writer = await asyncio.open_connection("127.0.0.1", free_port())
-    writer.close()
+    """A real outage: the driver's connection refused by a port nobody listens on."""
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    await conn.close()
 
 
 async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
