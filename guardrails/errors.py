@@ -69,6 +69,10 @@ class BudgetExceeded(GuardrailsError, ValueError):
 
 
 # -- classification of errors raised by database drivers and pools -----------------------
+#
+# Only where an exception comes from decides (its type, its SQLSTATE, the frames that
+# raised it), never its message: an app's ``int(request.query_params["page"])`` with
+# ``?page=connection refused`` must not open the breaker for everyone.
 
 
 class ErrorKind(str, Enum):
@@ -85,21 +89,11 @@ class ErrorKind(str, Enum):
 Classifier = Callable[[BaseException], "ErrorKind | None"]
 """Says what an exception is, or ``None`` to leave it to the next classifier."""
 
-# SQLSTATE codes (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+# SQLSTATE codes (https://www.postgresql.org/docs/current/errcodes-appendix.html): besides
+# class 08 (connection exception), too many connections and the server shutting down,
+# crashed or starting up; serialization failure, deadlock and lock not available.
 _OUTAGE_SQLSTATES = frozenset({"53300", "57P01", "57P02", "57P03"})
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
-_OUTAGE_MESSAGES = (
-    "remaining connection slots are reserved",
-    "too many clients already",
-    "the database system is starting up",
-    "the database system is shutting down",
-    "connection refused",
-    "connection reset",
-    "server closed the connection unexpectedly",
-    "connection is closed",
-    "connection was closed",
-    "terminating connection due to administrator command",
-)
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 # Recognised by name so that no driver has to be installed for this module to work.
 _OUTAGE_TYPES = frozenset(
     {
@@ -129,29 +123,99 @@ _TRANSIENT_TYPES = frozenset(
         "psycopg.errors.DeadlockDetected",
     }
 )
-
+# Every error the server sends has a SQLSTATE; these drivers raise their OperationalError
+# without one when the connection itself failed (refused, lost, closed, timed out).
+_NO_SQLSTATE_OUTAGE_TYPES = frozenset({"psycopg.OperationalError", "psycopg2.OperationalError"})
+# SQLITE_BUSY and SQLITE_LOCKED, the low byte of any of their extended codes.
+_SQLITE_BUSY_CODES = frozenset({5, 6})
 
 # Python 3.10's asyncio.TimeoutError is not yet the builtin TimeoutError.
 _TIMEOUT_ERRORS = (TimeoutError, asyncio.TimeoutError)
-# Where a TimeoutError means "no connection could be had in time": asyncpg's connect,
-# and the acquire functions of its pool (not Pool.fetch() and friends, whose frames
-# also run in asyncpg.pool while a query times out).
-_POOL_FRAMES: dict[str, frozenset[str] | None] = {
+# Packages of drivers and pools. A builtin OSError they raise (connection refused or reset,
+# a broken pipe, a host that does not resolve) is the database connection failing; the
+# same error from the app's own sockets (a cache, an HTTP API, a client hanging up) is not.
+_DRIVER_PACKAGES = (
+    "asyncpg",
+    "psycopg",
+    "psycopg_pool",
+    "psycopg_binary",
+    "psycopg_c",
+    "psycopg2",
+    "pg8000",
+    "aiosqlite",
+    "sqlalchemy.pool",
+    "sqlalchemy.engine",
+    "sqlalchemy.dialects",
+    "sqlalchemy.connectors",
+)
+# What drivers call on their way to a socket: an error raised in there is still theirs.
+# Any other code below a driver's frame (the app's connect or checkout hook, a user
+# callback) makes the error that code's.
+_PLUMBING_PACKAGES = (
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "contextlib",
+    "concurrent",
+    "threading",
+    "uvloop",
+    "sqlalchemy",
+)
+# A timeout counts only where a connection is being opened or waited for: asyncpg's
+# connect and its pool's acquire functions (not Pool.fetch() and friends, whose frames
+# also run in asyncpg.pool while a query times out), SQLAlchemy's pool. None: any function.
+_CONNECTING: dict[str, frozenset[str] | None] = {
     "asyncpg.connect_utils": None,
     "asyncpg.pool": frozenset({"_acquire", "_acquire_impl", "acquire", "connect"}),
+    "sqlalchemy.pool": None,
 }
+# asyncpg raises a plain InterfaceError when a closed connection is used; its raise site
+# says it was closed (by the server, or when the connection was lost).
+_CLOSED_CHECK = ("asyncpg.connection", "_check_open")
 
 
-def _raised_acquiring(exc: BaseException) -> bool:
-    """Whether a frame between the raise and the catch was acquiring a connection."""
+def _within(module: str, packages: Iterable[str]) -> str | None:
+    for package in packages:
+        if module == package or module.startswith(package + "."):
+            return package
+    return None
+
+
+def _raised_by_driver(exc: BaseException) -> bool:
+    """Whether a driver or pool raised ``exc`` (a timeout: while getting a connection).
+
+    Walks the traceback from the catching frame to the raise: the innermost frame that is
+    neither a driver's nor plumbing decides. App code that called the driver comes before
+    it and does not matter; app code the driver called (a hook) comes after and does.
+    """
+    timeout = isinstance(exc, _TIMEOUT_ERRORS)
+    raised_by_driver = False
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        functions = _POOL_FRAMES.get(frame.f_globals.get("__name__", ""), ())
-        if functions is None or (functions and frame.f_code.co_name in functions):
-            return True
+        module = frame.f_globals.get("__name__") or ""
+        if _within(module, _DRIVER_PACKAGES) is not None:
+            if not timeout:
+                raised_by_driver = True
+            else:
+                package = _within(module, _CONNECTING)
+                functions = _CONNECTING.get(package or "", ())
+                if functions is None or frame.f_code.co_name in functions:
+                    raised_by_driver = True
+        elif _within(module, _PLUMBING_PACKAGES) is None:
+            raised_by_driver = False  # the app's own code, or code the driver called back
         tb = tb.tb_next
-    return False
+    return raised_by_driver
+
+
+def _raise_site(exc: BaseException) -> tuple[str, str]:
+    tb = exc.__traceback__
+    if tb is None:
+        return "", ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__") or "", tb.tb_frame.f_code.co_name
 
 
 def _type_names(exc: BaseException) -> Iterator[str]:
@@ -187,6 +251,10 @@ def in_chain(exc: BaseException, target: BaseException) -> bool:
 
 
 def _builtin_kind(exc: BaseException) -> ErrorKind | None:
+    if isinstance(exc, Shed):
+        # Refused for load (the limiter, an outbound origin's bulkhead or breaker): says
+        # nothing about the database.
+        return ErrorKind.APP
     if isinstance(exc, Unavailable):
         return ErrorKind.OUTAGE
     if isinstance(exc, GuardrailsError):
@@ -202,19 +270,19 @@ def _builtin_kind(exc: BaseException) -> ErrorKind | None:
             return ErrorKind.OUTAGE
         if sqlstate in _TRANSIENT_SQLSTATES:
             return ErrorKind.TRANSIENT
-    if getattr(exc, "connection_invalidated", False):
+        return None
+    if names & _NO_SQLSTATE_OUTAGE_TYPES:
         return ErrorKind.OUTAGE
-    if isinstance(exc, ConnectionRefusedError | ConnectionResetError):
+    if "sqlite3.OperationalError" in names:
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        if isinstance(code, int) and code & 0xFF in _SQLITE_BUSY_CODES:
+            return ErrorKind.TRANSIENT  # the database is locked by another connection
+        return None
+    # The app's own sockets, wait_for/fail_after and query timeouts raise these as well;
+    # only who raised them tells a database connection that failed apart.
+    if isinstance(exc, OSError | asyncio.TimeoutError) and _raised_by_driver(exc):
         return ErrorKind.OUTAGE
-    # asyncpg's Pool.acquire(timeout=...) and its connect timeout raise a bare
-    # TimeoutError; so do the app's own wait_for/fail_after and asyncpg's query
-    # timeouts, which say nothing about the pool. Where it was raised tells them apart.
-    if isinstance(exc, _TIMEOUT_ERRORS) and _raised_acquiring(exc):
-        return ErrorKind.OUTAGE
-    if "psycopg.OperationalError" in names and sqlstate is None:
-        return ErrorKind.OUTAGE  # psycopg: no SQLSTATE means the connection itself failed
-    message = str(exc).lower()
-    if any(fragment in message for fragment in _OUTAGE_MESSAGES):
+    if "asyncpg.exceptions._base.InterfaceError" in names and _raise_site(exc) == _CLOSED_CHECK:
         return ErrorKind.OUTAGE
     return None
 
@@ -224,11 +292,17 @@ def classify(exc: BaseException, classifiers: Iterable[Classifier] = ()) -> Erro
 
     ``classifiers`` run first, on every exception in the chain (the exception, its
     ``orig`` and ``__cause__``); the first answer that is not ``None`` wins. Then the
-    built-in rules: pool timeouts, connection failures, SQLSTATE 53300, 57P01-57P03
-    and class 08 are outages; 40001 and 40P01 are transient. A bare ``TimeoutError`` is
-    an outage only when a pool raised it (asyncpg's acquire or connect timeout): the
-    app's own ``wait_for``/``fail_after`` and query timeouts are the app's. Cancellation
-    is never an outage.
+    built-in rules, which go by where an exception comes from and never by its message:
+
+    - outages: the drivers' and pools' own errors for pool timeouts and failed, lost or
+      refused connections; SQLSTATE class 08, 53300 and 57P01-57P03; psycopg's
+      ``OperationalError`` without a SQLSTATE (the connection failed); a builtin
+      ``OSError`` (connection refused or reset, ...) raised by a driver's or pool's own
+      code. A ``TimeoutError`` counts only when raised getting a connection (asyncpg's
+      connect or ``Pool.acquire``): the app's ``wait_for``/``fail_after`` and query
+      timeouts are the app's, as are the app's own sockets and a client that hung up;
+    - transient: SQLSTATE 40001, 40P01 and 55P03; SQLite's busy or locked database;
+    - everything else is the app's. Cancellation is never an outage.
     """
     if isinstance(exc, CancelledError | KeyboardInterrupt | SystemExit | GeneratorExit):
         return ErrorKind.APP

@@ -8,11 +8,11 @@ coordinated fleet, ``GR_REDIS``, ``GR_BUDGET``, ``GR_PER_PROCESS``, ``GR_NAME``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
@@ -71,9 +71,9 @@ async def query(request: Request) -> Response:
 
 
 async def down(request: Request) -> Response:
-    """A real outage: the 'database' on this port refuses connections."""
-    _, writer = await asyncio.open_connection("127.0.0.1", REFUSING_PORT)
-    writer.close()
+    """A real outage: the database on this port refuses the driver's connections."""
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{REFUSING_PORT}/postgres")
+    await conn.close()
     return JSONResponse({"ok": True})
 
 

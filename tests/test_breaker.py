@@ -7,6 +7,7 @@ import logging
 
 import anyio
 import anyio.lowlevel
+import psycopg
 import pytest
 
 import guardrails as gr
@@ -26,7 +27,9 @@ class Clock:
 
 
 def outage() -> BaseException:
-    return ConnectionRefusedError(111, "Connection refused")
+    # What psycopg raises for a connection that failed: an outage by its type (a builtin
+    # ConnectionRefusedError counts only when a driver raised it).
+    return psycopg.OperationalError("connection failed")
 
 
 def app_error() -> BaseException:
@@ -186,7 +189,7 @@ async def test_an_outcome_is_recorded_only_once_the_call_has_run() -> None:
     trial = breaker.admit()
     pending = refused()
     assert breaker.state == "closed"
-    with pytest.raises(ConnectionRefusedError) as raised:
+    with pytest.raises(psycopg.OperationalError) as raised:
         await pending
     breaker.record(trial, raised.value)
     assert breaker.state == "open"

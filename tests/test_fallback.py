@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,7 @@ def client_for(app: Starlette) -> httpx.AsyncClient:
 def open_breaker(guard: gr.Guardrails) -> None:
     """Report outages through the breaker's own API until it opens."""
     while guard.breaker.state == "closed":
-        guard.breaker.record(guard.breaker.admit(), ConnectionRefusedError(111, "refused"))
+        guard.breaker.record(guard.breaker.admit(), psycopg.OperationalError("connection failed"))
 
 
 async def test_stale_while_the_database_is_down_read_only_writes_and_recovery(

@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,7 +47,7 @@ def client(app: Starlette) -> httpx.AsyncClient:
 def open_breaker(guard: gr.Guardrails) -> None:
     # Outcomes reported through the breaker's own API, as guard.read does.
     for _ in range(guard.breaker.settings.fail_max):
-        guard.breaker.record(guard.breaker.admit(), ConnectionRefusedError(111, "refused"))
+        guard.breaker.record(guard.breaker.admit(), psycopg.OperationalError("connection failed"))
 
 
 async def test_a_healthy_guard_passes_with_the_draft_shape() -> None:

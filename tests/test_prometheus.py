@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,7 +63,7 @@ async def test_counters_after_admits_queues_sheds_and_an_open_breaker() -> None:
             during = await client.get("/metrics")  # exempt: answers while every slot is taken
             await anyio.sleep(0.05)
             release.set()
-        guard.breaker.record(guard.breaker.admit(), ConnectionResetError())
+        guard.breaker.record(guard.breaker.admit(), psycopg.OperationalError("connection failed"))
         refused = await client.get("/items/99")
         after = await client.get("/metrics")
 

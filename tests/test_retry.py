@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import psycopg
 import pytest
 from tenacity import RetryCallState
 
@@ -22,6 +23,11 @@ class Clock:
 
 def classify(exc: BaseException) -> gr.ErrorKind:
     return gr.classify(exc)
+
+
+def outage(message: str = "connection failed") -> BaseException:
+    """What psycopg raises for a connection that failed: an outage by its type."""
+    return psycopg.OperationalError(message)
 
 
 class Flaky:
@@ -51,7 +57,7 @@ def budget(settings: gr.RetrySettings = FAST, clock: Clock | None = None) -> Ret
 
 
 async def test_outages_and_transient_errors_are_retried_until_success() -> None:
-    flaky = Flaky(ConnectionResetError(), ConnectionRefusedError())
+    flaky = Flaky(outage(), psycopg.errors.SerializationFailure("40001"))
     assert await call_with_retries(flaky, FAST, budget(), classify) == "ok"
     assert flaky.calls == 3
 
@@ -65,16 +71,16 @@ async def test_app_errors_and_guardrails_errors_are_not_retried() -> None:
 
 
 async def test_at_most_attempts_tries_then_the_last_error() -> None:
-    errors = [ConnectionRefusedError(f"try {i}") for i in range(10)]
+    errors = [outage(f"try {i}") for i in range(10)]
     flaky = Flaky(*errors)
-    with pytest.raises(ConnectionRefusedError, match="try 3"):
+    with pytest.raises(psycopg.OperationalError, match="try 3"):
         await call_with_retries(flaky, FAST, budget(), classify)
     assert flaky.calls == 4
 
 
 async def test_no_sleep_runs_past_the_time_left() -> None:
     settings = gr.RetrySettings(attempts=10, base_delay=0.2, max_delay=0.2)
-    flaky = Flaky(*[ConnectionResetError() for _ in range(10)])
+    flaky = Flaky(*[outage() for _ in range(10)])
     slept: list[tuple[float, float]] = []
 
     def note(state: RetryCallState) -> None:
@@ -87,7 +93,7 @@ async def test_no_sleep_runs_past_the_time_left() -> None:
             with attempt:
                 await flaky()
 
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(psycopg.OperationalError):
         await read()
     # Full jitter draws sleeps in [0, 0.2]; a sleep that would end past 0.05 s after the
     # first try is not taken: the last error is raised instead.
@@ -158,11 +164,11 @@ async def test_a_failing_dependency_sees_at_most_one_plus_ratio_times_the_calls(
     async def down() -> None:
         nonlocal attempts
         attempts += 1
-        raise ConnectionRefusedError()
+        raise outage()
 
     calls = 200
     for _ in range(calls):
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(psycopg.OperationalError):
             await call_with_retries(down, settings, retries, classify)
     assert calls < attempts <= calls + 3 + calls * 0.1
     assert retries.retries_total == attempts - calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import psycopg
 import pytest
 
 import guardrails as gr
@@ -128,11 +129,13 @@ def test_utilization_must_hold_for_the_whole_window() -> None:
 def test_refused_as_too_many_walks_the_chain() -> None:
     from guardrails.observe.triage import refused_as_too_many
 
-    inner = OSError("FATAL: sorry, too many clients already")
+    inner = psycopg.errors.TooManyConnections("sorry, too many clients already")  # 53300
     outer = RuntimeError("could not connect")
     outer.__cause__ = inner
     assert refused_as_too_many(outer)
     assert not refused_as_too_many(KeyError("nope"))
+    # By SQLSTATE only: words in a message say nothing.
+    assert not refused_as_too_many(OSError("FATAL: sorry, too many clients already"))
 
 
 @pytest.mark.parametrize(

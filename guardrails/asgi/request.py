@@ -286,14 +286,13 @@ class GuardedRequest(context.CallContext):
                 # says nothing about the database.
                 outcome.abandon()
                 raise
-            origin = _origin_refusal(exc)
-            if origin is not None:
-                # Another service is down, not the database: its retry_after, the
-                # route's fallback, and the database's breaker left alone.
+            shed = _shed_behind(exc)
+            if shed is not None:
+                # Refused for load, or another service is down: not the database. Its
+                # retry_after, the route's fallback, and the database's breaker left alone.
                 outcome.abandon()
                 self.release()
-                retry_after = max(1, origin.retry_after)
-                await self._refuse(Refusal("unavailable", "origin_unavailable", retry_after))
+                await self._refuse(_refusal_for(shed))
                 return
             if outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
@@ -426,13 +425,18 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _origin_refusal(exc: BaseException) -> OriginUnavailable | None:
-    """The outbound refusal behind ``exc``, if an outbound call's failure escaped the app."""
-    seen = 0
+def _shed_behind(exc: BaseException) -> Shed | None:
+    """The refusal behind ``exc``, if a shed outbound call (or a limiter's shed) escaped
+    the app: itself, or what it was raised ``from``."""
     current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, OriginUnavailable):
+    for _ in range(8):
+        if current is None or isinstance(current, Shed):
             return current
         current = current.__cause__
-        seen += 1
     return None
+
+
+def _refusal_for(shed: Shed) -> Refusal:
+    if isinstance(shed, OriginUnavailable):
+        return Refusal("unavailable", "origin_unavailable", shed.retry_after)
+    return Refusal("overloaded", shed.reason, shed.retry_after)

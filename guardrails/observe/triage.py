@@ -43,11 +43,16 @@ __all__ = [
 ]
 
 _TOO_MANY_SQLSTATES = frozenset({"53300"})
-_TOO_MANY_MESSAGES = ("too many clients", "remaining connection slots are reserved")
 
 
 def refused_as_too_many(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) is the database refusing a connection as too many."""
+    """Whether ``exc`` (or what it wraps) is the database refusing a connection as too many.
+
+    By SQLSTATE 53300 (asyncpg's ``TooManyConnectionsError``, SQLAlchemy's errors that
+    wrap it), never by message text. libpq reports a refused connection attempt without
+    a SQLSTATE, so psycopg's count as outages (:func:`guardrails.errors.classify`) but
+    are not told apart here.
+    """
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -56,10 +61,7 @@ def refused_as_too_many(exc: BaseException) -> bool:
             continue
         seen.add(id(current))
         sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if sqlstate in _TOO_MANY_SQLSTATES or type(current).__name__ == "TooManyConnectionsError":
-            return True
-        message = str(current).lower()
-        if any(fragment in message for fragment in _TOO_MANY_MESSAGES):
+        if sqlstate in _TOO_MANY_SQLSTATES:
             return True
         orig = getattr(current, "orig", None)
         if isinstance(orig, BaseException):
