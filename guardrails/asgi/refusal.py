@@ -16,7 +16,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Scope, Send
 
-__all__ = ["Refusal", "Refusals", "error_response", "html_error_response", "prefers_html"]
+from guardrails.errors import Shed
+from guardrails.outbound.errors import OriginUnavailable
+
+__all__ = [
+    "Refusal",
+    "Refusals",
+    "error_response",
+    "html_error_response",
+    "prefers_html",
+    "refusal_for",
+    "shed_behind",
+]
 
 logger = logging.getLogger("guardrails")
 
@@ -168,3 +179,22 @@ class Refusals:
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
+
+
+def shed_behind(exc: BaseException) -> Shed | None:
+    """The refusal behind ``exc``, if a shed outbound call (or a limiter's shed) escaped
+    the app: itself, or what it was raised ``from``."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None or isinstance(current, Shed):
+            return current
+        current = current.__cause__
+    return None
+
+
+def refusal_for(shed: Shed) -> Refusal:
+    """The answer to a shed that escaped the app: ``overloaded``, or ``unavailable`` for
+    another service that is down."""
+    if isinstance(shed, OriginUnavailable):
+        return Refusal("unavailable", "origin_unavailable", shed.retry_after)
+    return Refusal("overloaded", shed.reason, shed.retry_after)

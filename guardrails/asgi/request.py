@@ -20,13 +20,13 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrails import context
+from guardrails.asgi.body import GONE, needs_reading, read_body
 from guardrails.asgi.clients import current_task, uncancel
-from guardrails.asgi.refusal import Refusal
+from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
 from guardrails.asgi.stored import CachePlan, Capture, replay
 from guardrails.breaker import CLOSED
 from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
-from guardrails.outbound.errors import OriginUnavailable
 from guardrails.outcome import Outcome
 from guardrails.policy import OnUnavailable
 from guardrails.pools import request_finished
@@ -119,7 +119,7 @@ class GuardedRequest(context.CallContext):
             refusal = await self._take_slot()
         if refusal is not None:
             self.outcome.abandon()
-            if not refusal.error:
+            if refusal is GONE:
                 return  # the client went away while sending its body: nobody to answer
             await self._refuse(refusal)
             return
@@ -161,39 +161,25 @@ class GuardedRequest(context.CallContext):
         return None
 
     async def _read_body(self, receive: Receive) -> Refusal | None:
-        # The body is read before a slot is taken: a client sending it slowly holds no
-        # database slot, and reading it needs no connection.
         self.receive = self.server_receive = receive
         limit = self.resolved.max_body
-        scope = self.scope
-        if limit is None or (scope["method"] in SAFE_METHODS and not _announces_body(scope)):
-            return None
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            return Refusal("body_too_large", "body_too_large", 0, 413)
+        wanted = needs_reading(self.scope, limit)
+        if wanted is not True:
+            return wanted or None
+        assert limit is not None
         self._watch(self.resolved.body_timeout)
-        chunks: list[bytes] = []
-        size = 0
         try:
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return Refusal("", "client_gone", 0)
-                chunk: bytes = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    return Refusal("body_too_large", "body_too_large", 0, 413)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
+            body = await read_body(receive, limit)
         except asyncio.CancelledError:
             if not self.aborted:
                 raise
-            uncancel(self.task)
+            uncancel(self.task)  # the watchdog's doing: the client was too slow
             return Refusal("body_timeout", "body_timeout", 0, 408)
         finally:
             self.client_deadline = 0.0
-        self.body = b"".join(chunks)
+        if isinstance(body, Refusal):
+            return body
+        self.body = body
         self.receive = self._replay_body
         return None
 
@@ -286,13 +272,13 @@ class GuardedRequest(context.CallContext):
                 # says nothing about the database.
                 outcome.abandon()
                 raise
-            shed = _shed_behind(exc)
+            shed = shed_behind(exc)
             if shed is not None:
                 # Refused for load, or another service is down: not the database. Its
                 # retry_after, the route's fallback, and the database's breaker left alone.
                 outcome.abandon()
                 self.release()
-                await self._refuse(_refusal_for(shed))
+                await self._refuse(refusal_for(shed))
                 return
             if outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
@@ -406,37 +392,3 @@ class GuardedRequest(context.CallContext):
 
 async def _nothing() -> Message:
     return {"type": "http.disconnect"}
-
-
-def _announces_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
-            return True
-    return False
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _shed_behind(exc: BaseException) -> Shed | None:
-    """The refusal behind ``exc``, if a shed outbound call (or a limiter's shed) escaped
-    the app: itself, or what it was raised ``from``."""
-    current: BaseException | None = exc
-    for _ in range(8):
-        if current is None or isinstance(current, Shed):
-            return current
-        current = current.__cause__
-    return None
-
-
-def _refusal_for(shed: Shed) -> Refusal:
-    if isinstance(shed, OriginUnavailable):
-        return Refusal("unavailable", "origin_unavailable", shed.retry_after)
-    return Refusal("overloaded", shed.reason, shed.retry_after)
