@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -25,7 +25,7 @@ from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
 from guardrails.context import NO_REQUEST
 from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
-from guardrails.fallback import CREDENTIAL_HEADERS, ResponseStore
+from guardrails.fallback import CREDENTIAL_HEADERS, MemoryCache, ResponseStore
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
@@ -97,7 +97,7 @@ class Guardrails:
         retry: RetrySettings | None = None,
         leak_threshold: float | None = 30.0,
         health_fail_on: Iterable[str] = ("breaker_open",),
-        cache: ResponseStore | None = None,
+        cache: ResponseStore | Literal["memory"] | None = "memory",
         read_only_on_open: bool = True,
         error_response: ErrorResponseFactory | None = None,
         early_warning: EarlyWarning | None = None,
@@ -149,6 +149,8 @@ class Guardrails:
         )
         self.leak_threshold = checked_threshold(leak_threshold)
         self._watchers: list[Any] = []
+        if cache == "memory":
+            cache = MemoryCache(max_entries=10_000)
         if cache is not None and not all(
             callable(getattr(cache, name, None)) for name in ("get", "set", "delete")
         ):
@@ -156,8 +158,9 @@ class Guardrails:
                 f"cache must be a response store such as MemoryCache(max_entries=10_000), "
                 f"not {cache!r}"
             )
-        self.cache = cache
-        """Where responses of routes with ``cache_ttl``/``stale_ttl`` are kept, or None."""
+        self.cache: ResponseStore | None = cache
+        """Where responses of routes with ``cache_ttl``/``stale_ttl`` are kept: by default
+        an in-memory store of 10,000 entries; None when switched off with ``cache=None``."""
         if isinstance(identity_headers, str | bytes) or not all(
             isinstance(name, str) and name.strip() for name in identity_headers
         ):

@@ -61,6 +61,10 @@ class Policy:
     """Cache key for requests carrying Authorization or Cookie (None: do not cache)."""
     on_unavailable: OnUnavailable | Literal["stale", "reject"] = OnUnavailable.STALE
     """Fallback when the database cannot serve: ``"stale"`` or ``"reject"``."""
+    writes: bool | None = None
+    """Whether the route writes: refused in read-only mode. ``None``: unsafe methods
+    (POST, PUT, PATCH, DELETE) write; ``False`` for a POST that only reads (login,
+    search, GraphQL queries), which read-only mode then serves."""
     max_body: int | None = 1 << 20
     """Largest request body in bytes, read in full before a slot is taken (bigger: 413).
     ``None`` hands the body to the app unread, for routes that stream uploads."""
@@ -86,6 +90,8 @@ class Policy:
         for name in ("exempt", "needs_db"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.writes is not None and not isinstance(self.writes, bool):
+            raise TypeError(f"writes must be True, False or None (by method), not {self.writes!r}")
         if self.max_concurrency is not None and (
             isinstance(self.max_concurrency, bool)
             or not isinstance(self.max_concurrency, int)

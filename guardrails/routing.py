@@ -7,6 +7,7 @@ computes everything the middleware needs about a route once.
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,6 +20,8 @@ from guardrails.limiter import Priority
 from guardrails.policy import POLICY_ATTRIBUTE, Policy
 
 __all__ = ["UNMATCHED", "ResolvedRoute", "RouteResolver"]
+
+logger = logging.getLogger("guardrails")
 
 UNMATCHED = "<unmatched>"
 """Route template reported for requests that match no route (bounded metric labels)."""
@@ -37,6 +40,8 @@ class ResolvedRoute:
     """Exempt, or not using the database: the limiter is not involved."""
     caches: bool = False
     """The policy has ``cache_ttl`` or ``stale_ttl``: responses are stored for reuse."""
+    writes: bool | None = None
+    """Refused in read-only mode: always (True), never (False), by method (None)."""
     max_body: int | None = None
     """Bytes of request body read before a slot is taken (None: the app streams it)."""
     body_timeout: float = 10.0
@@ -120,6 +125,26 @@ def _route_views(routes: Iterable[Any]) -> Iterable[Any]:
     return iterate(list(routes)) if iterate is not None else routes
 
 
+def _compile(template: str) -> tuple[re.Pattern[str], str]:
+    """Regex and label of a full template. A parameter repeated across a Mount and its
+    routes (``Mount("/{id}", routes=[Route("/{id}", ...)])``, valid Starlette) is
+    matched under a second name and labelled with its own."""
+    seen: dict[str, int] = {}
+
+    def unique(match: re.Match[str]) -> str:
+        name, convertor = match.group(1), match.group(2)
+        count = seen[name] = seen.get(name, 0) + 1
+        if count == 1:
+            return match.group(0)
+        return "{" + f"{name}__{count}" + (f":{convertor}" if convertor else "") + "}"
+
+    regex, fmt, _ = compile_path(_PARAM.sub(unique, template))
+    return regex, _RENAMED.sub(r"{\1}", fmt)
+
+
+_RENAMED = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*?)__\d+}")
+
+
 def _flatten(routes: Iterable[Any], prefix: str) -> Iterator[_Entry]:
     for view in _route_views(routes):
         original = getattr(view, "original_route", view)
@@ -129,18 +154,26 @@ def _flatten(routes: Iterable[Any], prefix: str) -> Iterator[_Entry]:
         path = getattr(view, "path", None)
         if not isinstance(path, str):
             continue
-        if isinstance(original, Mount):
-            children = getattr(view, "routes", None)
-            mount_path = prefix + path.rstrip("/")
-            if children:
-                yield from _flatten(children, mount_path)
-            else:
-                template = mount_path + "/{path:path}"
-                regex, fmt, _ = compile_path(template)
-                yield _Entry(regex, fmt, None, getattr(view, "app", None))
+        try:
+            if isinstance(original, Mount):
+                children = getattr(view, "routes", None)
+                mount_path = prefix + path.rstrip("/")
+                if children:
+                    yield from _flatten(children, mount_path)
+                else:
+                    regex, fmt = _compile(mount_path + "/{path:path}")
+                    yield _Entry(regex, fmt, None, getattr(view, "app", None))
+                continue
+            methods = getattr(view, "methods", None)
+            regex, fmt = _compile(prefix + path)
+        except (AssertionError, ValueError, re.error) as exc:
+            # One odd route must not take every policy of the app down with it.
+            logger.warning(
+                "guardrails cannot match route %r (%s): it gets the default policy",
+                prefix + path,
+                type(exc).__name__,
+            )
             continue
-        methods = getattr(view, "methods", None)
-        regex, fmt, _ = compile_path(prefix + path)
         yield _Entry(
             regex,
             fmt,
@@ -151,6 +184,24 @@ def _flatten(routes: Iterable[Any], prefix: str) -> Iterator[_Entry]:
 
 def _count(routes: object) -> int:
     return len(routes) if type(routes) is list else -1
+
+
+def _fingerprint(routes: object) -> tuple[int, ...]:
+    """Every route object in the tree, by identity: any change of the table changes it."""
+    found: list[int] = []
+    stack = [routes]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, list | tuple):
+            continue
+        for route in current:
+            found.append(id(route))
+            stack.append(getattr(route, "routes", None))
+    return tuple(found)
+
+
+_RECHECK_EVERY = 1024
+"""Requests between two full comparisons of the route table (appends show at once)."""
 
 
 class RouteResolver:
@@ -180,12 +231,24 @@ class RouteResolver:
         self._app: object = None
         self._routes: object = None
         self._routes_count = -1
+        self._print: tuple[int, ...] = ()
+        self._requests = 0
         self._entries: list[_Entry] = []
 
     def resolve(self, app: object, method: str, path: str) -> ResolvedRoute:
-        """The resolved route for a request to ``app`` (the Starlette/FastAPI app)."""
-        # Routes added after the first request (same list, new length) rebuild too.
-        if app is not self._app or _count(self._routes) != self._routes_count:
+        """The resolved route for a request to ``app`` (the Starlette/FastAPI app).
+
+        The route table is rebuilt when the app changes or its route list changes
+        length (routes added after startup show at once); any other change (a route
+        replaced in place, routes added inside a Mount) is found by a full comparison
+        every 1024 requests.
+        """
+        self._requests += 1
+        if (
+            app is not self._app
+            or _count(self._routes) != self._routes_count
+            or (self._requests % _RECHECK_EVERY == 0 and _fingerprint(self._routes) != self._print)
+        ):
             self._rebuild(app)
         key = (method, path)
         found = self._cache.get(key)
@@ -197,11 +260,21 @@ class RouteResolver:
             self._cache[key] = found
         return found
 
+    def routes(self, app: object) -> list[ResolvedRoute]:
+        """Every route of ``app`` as resolved (for startup checks; not per request)."""
+        if app is not self._app:
+            self._rebuild(app)
+        return [
+            self._for_entry(entry, next(iter(sorted(entry.methods or {"GET"}))))
+            for entry in self._entries
+        ]
+
     def _rebuild(self, app: object) -> None:
         routes = getattr(app, "routes", None)
         self._app = app
         self._routes = routes
         self._routes_count = _count(routes)
+        self._print = _fingerprint(routes)
         self._cache.clear()
         self._entries = list(_flatten(routes, "")) if isinstance(routes, Iterable) else []
 
@@ -248,6 +321,7 @@ class RouteResolver:
             timeout=chosen.timeout if isinstance(chosen.timeout, float) else None,
             bypass=chosen.exempt or not chosen.needs_db,
             caches=chosen.cache_ttl is not None or chosen.stale_ttl is not None,
+            writes=chosen.writes,
             max_body=chosen.max_body,
             body_timeout=chosen.body_timeout if isinstance(chosen.body_timeout, float) else 10.0,
             send_timeout=chosen.send_timeout if isinstance(chosen.send_timeout, float) else None,

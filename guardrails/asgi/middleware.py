@@ -6,14 +6,19 @@ to a :class:`~guardrails.asgi.request.GuardedRequest`, which runs the request's 
 
 from __future__ import annotations
 
+import logging
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from guardrails.asgi.clients import ClientWatch
+from guardrails.asgi.cors import find_cors, is_preflight, warn_if_lost
 from guardrails.asgi.refusal import Refusals
 from guardrails.asgi.request import GuardedRequest
 from guardrails.guard import Guardrails
 
 __all__ = ["GuardrailsMiddleware"]
+
+logger = logging.getLogger("guardrails")
 
 
 class GuardrailsMiddleware:
@@ -51,26 +56,48 @@ class GuardrailsMiddleware:
         self.clients = ClientWatch()
         """Requests waiting on slow clients; its watchdog runs in the guard's background."""
         guard.background.add(self.clients.run)
+        self.cors = find_cors(app)
+        """The app's CORSMiddleware below this one: guardrails' own answers get its headers."""
+        self._checked = False
         self.warned: set[str] = set()
         """Routes whose broken callbacks were logged already (once per route)."""
         self._resolver = guard.route_resolver()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if not self._checked and scope["type"] == "lifespan":
+                self._check_setup(scope.get("app"))
             await self.app(scope, receive, send)
             return
+        if not self._checked:
+            self._check_setup(scope.get("app"))
+        method = scope["method"]
         route = self._resolver.resolve(
             scope.get("app"),
-            scope["method"],
+            method,
             route_path(scope) if scope.get("root_path") else scope["path"],
         )
-        if route.bypass:
-            await self.app(scope, receive, send)
+        if route.bypass or (method == "OPTIONS" and is_preflight(scope)):
+            await self.app(scope, receive, send)  # a preflight never touches the database
             return
         background = self.guard.background
         if not background.started:
             background.start_lazily()
         await GuardedRequest(self, scope, send, route).handle(receive)
+
+    def _check_setup(self, app: object) -> None:
+        """Say once, at startup, what this setup would silently lose."""
+        self._checked = True
+        warn_if_lost(app, self.cors, GuardrailsMiddleware)
+        if self.guard.cache is None and app is not None:
+            asking = sorted({r.template for r in self._resolver.routes(app) if r.caches})
+            if asking:
+                logger.warning(
+                    "guardrails: cache=None switches caching off, so %s get no fresh or "
+                    "stale copies; drop cache=None for the in-memory default, or pass a "
+                    "store such as RedisCache(url)",
+                    ", ".join(asking),
+                )
 
 
 def route_path(scope: Scope) -> str:

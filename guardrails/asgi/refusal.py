@@ -149,7 +149,8 @@ class Refusals:
             if built is None:
                 built = self._built[key] = error_response(error, retry_after)
             headers, body = built
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        # A copy: a CORS layer adds its headers to the list it is sent.
+        await send({"type": "http.response.start", "status": 503, "headers": list(headers)})
         await send({"type": "http.response.body", "body": body})
 
     def _custom(self, scope: Scope, error: str, retry_after: int) -> Response | None:

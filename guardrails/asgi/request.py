@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from guardrails import context
 from guardrails.asgi.body import GONE, needs_reading, read_body
 from guardrails.asgi.clients import current_task, uncancel
+from guardrails.asgi.cors import through_cors
 from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
 from guardrails.asgi.stored import CachePlan, Capture, replay
 from guardrails.breaker import CLOSED
@@ -136,12 +137,15 @@ class GuardedRequest(context.CallContext):
         fresh = await self.plan.lookup(self.resolved.policy.cache_ttl)  # type: ignore[arg-type]
         if fresh is None:
             return False
-        await replay(self.send, fresh, b"hit")
+        await replay(through_cors(self.middleware.cors, self.scope, self.send), fresh, b"hit")
         return True
 
     def _refuse_write(self) -> Refusal | None:
         guard = self.middleware.guard
-        if self.scope["method"] in SAFE_METHODS or not guard.read_only:
+        writes = self.resolved.writes
+        if writes is None:
+            writes = self.scope["method"] not in SAFE_METHODS
+        if not writes or not guard.read_only:
             return None
         retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
         return Refusal("read_only", "read_only", retry_after)
@@ -375,6 +379,7 @@ class GuardedRequest(context.CallContext):
         telemetry.count_shed(refusal.reason, template)
         policy = self.resolved.policy
         plan = self.plan
+        send = through_cors(self.middleware.cors, self.scope, self.send)
         if (
             refusal.status == 503
             and plan is not None
@@ -383,11 +388,11 @@ class GuardedRequest(context.CallContext):
             stale = await plan.lookup(policy.stale_ttl)  # type: ignore[arg-type]
             if stale is not None:
                 telemetry.count_fallback("stale", template)
-                await replay(self.send, stale, b"stale")
+                await replay(send, stale, b"stale")
                 return
         if refusal.status == 503 and policy.stale_ttl is not None:
             telemetry.count_fallback("rejected", template)
-        await self.middleware.refusals.send(self.scope, self.send, refusal)
+        await self.middleware.refusals.send(self.scope, send, refusal)
 
 
 async def _nothing() -> Message:
