@@ -19,8 +19,11 @@ import anyio
 
 __all__ = ["CHECK_INTERVAL", "ClientWatch", "Watched", "current_task", "uncancel"]
 
-CHECK_INTERVAL = 0.25
+CHECK_INTERVAL = 0.1
 """Seconds between two looks; a slow client is let go at most this late."""
+
+STALLED_AFTER = 0.1
+"""Seconds a request may wait on its client before it counts as stalled."""
 
 
 class Watched(Protocol):
@@ -28,9 +31,14 @@ class Watched(Protocol):
 
     client_deadline: float
     """``time.monotonic()`` by which the client must have answered; 0 while not waiting."""
+    client_since: float
+    """``time.monotonic()`` at which the current wait on the client began."""
 
     def abort(self) -> None:
         """Stop the request: its client is too slow."""
+
+    def stalled(self) -> None:
+        """The client has kept the request waiting for a while (it may let go of its slot)."""
 
 
 class ClientWatch:
@@ -48,11 +56,18 @@ class ClientWatch:
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        """Abort the requests whose client deadline is before ``now``."""
-        for request in [r for r in self.requests if 0 < r.client_deadline < now]:
-            self.requests.discard(request)
-            self.aborted_total += 1
-            request.abort()
+        """Abort the requests whose client deadline is before ``now``; tell those waiting
+        longer than :data:`STALLED_AFTER` that they are stalled."""
+        for request in list(self.requests):
+            deadline = request.client_deadline
+            if not deadline:
+                continue
+            if deadline < now:
+                self.requests.discard(request)
+                self.aborted_total += 1
+                request.abort()
+            elif now - request.client_since > STALLED_AFTER:
+                request.stalled()
 
 
 def current_task() -> asyncio.Task[object] | None:

@@ -53,6 +53,7 @@ class GuardedRequest(context.CallContext):
         "capture",
         "client_deadline",
         "client_error",
+        "client_since",
         "held",
         "middleware",
         "permit",
@@ -91,6 +92,7 @@ class GuardedRequest(context.CallContext):
         self.body: bytes | None = None
         self.task: asyncio.Task[object] | None = None
         self.client_deadline = 0.0
+        self.client_since = 0.0
         self.client_error: BaseException | None = None
         self.aborted = False
 
@@ -206,7 +208,14 @@ class GuardedRequest(context.CallContext):
             if self.task is None:
                 return  # not asyncio: nothing the watchdog could cancel
             self.middleware.clients.requests.add(self)
-        self.client_deadline = time.monotonic() + timeout
+        self.client_since = now = time.monotonic()
+        self.client_deadline = now + timeout
+
+    def stalled(self) -> None:
+        """The client stopped reading: with watched pools, a request that holds no
+        connection gives its slot back now instead of after ``send_timeout``."""
+        if self.started and not self.checkouts and self.middleware.guard.watching:
+            self.release()
 
     def abort(self) -> None:
         """The client is too slow: give the slot back now and stop the request."""
@@ -340,6 +349,14 @@ class GuardedRequest(context.CallContext):
             if self.cancel is not None:
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
+        final = (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
+            "more_body", False
+        )
+        if final and not self.checkouts:
+            # The app has produced all of it and holds no connection: the slot goes back
+            # before the client reads it (a slow reader holds nothing), and before a copy
+            # is stored (a remote store's write must not hold a database slot).
+            self.release()
         timeout = self.resolved.send_timeout
         if timeout is not None:
             self._watch(timeout)
@@ -350,11 +367,7 @@ class GuardedRequest(context.CallContext):
             raise
         finally:
             self.client_deadline = 0.0
-        if (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
-            "more_body", False
-        ):
-            # Sent in full: the slot goes back before a copy is stored (a remote store's
-            # write must not hold a database slot).
+        if final:
             self.release()
         capture = self.capture
         if capture is not None and not await capture.copy(kind, message):
