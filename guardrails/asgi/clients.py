@@ -48,10 +48,28 @@ class ClientWatch:
         self.requests: set[Watched] = set()
         self.aborted_total = 0
         """Requests aborted because their client was too slow."""
+        self._idle: anyio.Event | None = None
+
+    def watch(self, request: Watched) -> None:
+        """Look after ``request`` until :meth:`forget`; wakes the watchdog if it sleeps."""
+        self.requests.add(request)
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+
+    def forget(self, request: Watched) -> None:
+        """Stop looking after ``request`` (it ended)."""
+        self.requests.discard(request)
 
     async def run(self) -> None:
-        """Abort every request past its client deadline, every CHECK_INTERVAL, forever."""
+        """Abort every request past its client deadline, every CHECK_INTERVAL, forever;
+        asleep while no request waits on its client."""
         while True:
+            if not self.requests:
+                self._idle = idle = anyio.Event()
+                await idle.wait()
+                continue
             await anyio.sleep(CHECK_INTERVAL)
             self.check(time.monotonic())
 

@@ -83,7 +83,7 @@ class GuardrailsMiddleware:
         background = self.guard.background
         if not background.started:
             background.start_lazily()
-        await GuardedRequest(self, scope, send, route).handle(receive)
+        await GuardedRequest(self, scope, receive, send, route).handle()
 
     def _check_setup(self, app: object) -> None:
         """Say once, at startup, what this setup would silently lose."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
 import anyio
@@ -28,13 +28,13 @@ from guardrails.asgi.stored import CachePlan, Capture, replay
 from guardrails.breaker import CLOSED
 from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
-from guardrails.outcome import Outcome
 from guardrails.policy import OnUnavailable
 from guardrails.pools import request_finished
 from guardrails.routing import ResolvedRoute
 
 if TYPE_CHECKING:
     from guardrails.asgi.middleware import GuardrailsMiddleware
+    from guardrails.guard import Guardrails
 
 __all__ = ["GuardedRequest"]
 
@@ -71,13 +71,22 @@ class GuardedRequest(context.CallContext):
         self,
         middleware: GuardrailsMiddleware,
         scope: Scope,
+        receive: Receive,
         send: Send,
         resolved: ResolvedRoute,
     ) -> None:
-        super().__init__(resolved.template, Outcome(middleware.guard))
+        # The CallContext's fields, set here without a call (the hot path).
+        self.route = resolved.template
+        self.guard: Guardrails = middleware.guard
+        self._outcome = None
+        self.deadline: float | None = None
+        self.checkouts = {}
         self.middleware = middleware
         self.app: ASGIApp = middleware.app
         self.scope = scope
+        self.receive: Receive = receive
+        """What the app gets as ``receive``: the body read up front, then the server's."""
+        self.server_receive = receive
         self.send = send
         self.resolved = resolved
         self.plan: CachePlan | None = None
@@ -86,9 +95,6 @@ class GuardedRequest(context.CallContext):
         self.held = False
         self.started = False
         self.cancel: anyio.CancelScope | None = None
-        self.receive: Receive = _nothing
-        """What the app gets as ``receive``: the body read up front, then the server's."""
-        self.server_receive: Receive = _nothing
         self.body: bytes | None = None
         self.task: asyncio.Task[object] | None = None
         self.client_deadline = 0.0
@@ -96,32 +102,45 @@ class GuardedRequest(context.CallContext):
         self.client_error: BaseException | None = None
         self.aborted = False
 
-    async def handle(self, receive: Receive) -> None:
+    async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
         resolved = self.resolved
-        store = self.middleware.guard.cache
-        if resolved.caches and store is not None:
+        guard = self.guard
+        if resolved.caches and guard.cache is not None:
             self.plan = CachePlan.make(
                 self.scope,
                 self.route,
                 resolved.policy,
-                store,
-                self.middleware.guard.credential_headers,
+                guard.cache,
+                guard.credential_headers,
                 self.middleware.warned,
             )
             if self.plan is not None and await self._serve_fresh():
                 return
-        refusal = self._refuse_write()
-        if refusal is None:
+        # The common case (a read, the breaker closed, a free slot) is decided inline;
+        # each other case is one step that answers or lets the request go on.
+        method = self.scope["method"]
+        writes = resolved.writes
+        refusal = None
+        if (writes or (writes is None and method not in SAFE_METHODS)) and guard.read_only:
+            retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
+            refusal = Refusal("read_only", "read_only", retry_after)
+        elif resolved.max_body is not None and method not in SAFE_METHODS:
             # Before the breaker: a client sending its body slowly must not sit on the
             # half-open trial (nor, below, on a slot).
-            refusal = await self._read_body(receive)
-        if refusal is None:
+            refusal = await self._read_body()
+        if refusal is None and guard.breaker.state is not CLOSED:
             refusal = self._pass_breaker()
         if refusal is None:
-            refusal = await self._take_slot()
+            if resolved.timeout is not None:
+                self.deadline = anyio.current_time() + resolved.timeout
+            # A free slot is taken synchronously: no coroutine, no clock read.
+            if resolved.bulkhead is None and guard.limiter.try_take(resolved.priority):
+                self.held = True
+            else:
+                refusal = await self._take_slot()
         if refusal is not None:
-            self.outcome.abandon()
+            self._abandon()
             if refusal is GONE:
                 return  # the client went away while sending its body: nobody to answer
             await self._refuse(refusal)
@@ -130,7 +149,18 @@ class GuardedRequest(context.CallContext):
             await self._run_app()
         finally:
             if self.task is not None:
-                self.middleware.clients.requests.discard(self)
+                self.middleware.clients.forget(self)
+
+    def _abandon(self) -> None:
+        if self._outcome is not None:
+            self._outcome.abandon()
+
+    def _finish(self) -> None:
+        outcome = self._outcome
+        if outcome is not None:
+            outcome.finish()
+        elif self.guard.breaker.counting:
+            self.outcome.finish()  # a success after outages: it resets the count
 
     # -- before the app -----------------------------------------------------------------
 
@@ -142,20 +172,8 @@ class GuardedRequest(context.CallContext):
         await replay(through_cors(self.middleware.cors, self.scope, self.send), fresh, b"hit")
         return True
 
-    def _refuse_write(self) -> Refusal | None:
-        guard = self.middleware.guard
-        writes = self.resolved.writes
-        if writes is None:
-            writes = self.scope["method"] not in SAFE_METHODS
-        if not writes or not guard.read_only:
-            return None
-        retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
-        return Refusal("read_only", "read_only", retry_after)
-
     def _pass_breaker(self) -> Refusal | None:
-        breaker = self.middleware.guard.breaker
-        if breaker.state is CLOSED:
-            return None
+        breaker = self.guard.breaker
         # Open: refuse without touching the pool. Half-open: this request may be the
         # one trial; low-priority work never is.
         try:
@@ -166,8 +184,8 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", exc.retry_after)
         return None
 
-    async def _read_body(self, receive: Receive) -> Refusal | None:
-        self.receive = self.server_receive = receive
+    async def _read_body(self) -> Refusal | None:
+        receive = self.server_receive
         limit = self.resolved.max_body
         wanted = needs_reading(self.scope, limit)
         if wanted is not True:
@@ -207,14 +225,14 @@ class GuardedRequest(context.CallContext):
             self.task = current_task()
             if self.task is None:
                 return  # not asyncio: nothing the watchdog could cancel
-            self.middleware.clients.requests.add(self)
-        self.client_since = now = time.monotonic()
+            self.middleware.clients.watch(self)
+        self.client_since = now = _monotonic()
         self.client_deadline = now + timeout
 
     def stalled(self) -> None:
         """The client stopped reading: with watched pools, a request that holds no
         connection gives its slot back now instead of after ``send_timeout``."""
-        if self.started and not self.checkouts and self.middleware.guard.watching:
+        if self.started and not self.checkouts and self.guard.watching:
             self.release()
 
     def abort(self) -> None:
@@ -225,19 +243,14 @@ class GuardedRequest(context.CallContext):
             self.task.cancel()
 
     async def _take_slot(self) -> Refusal | None:
-        guard = self.middleware.guard
+        guard = self.guard
         limiter = guard.limiter
         resolved = self.resolved
-        if resolved.timeout is not None:
-            self.deadline = anyio.current_time() + resolved.timeout
-        # A free slot is taken synchronously: no coroutine, no clock read, no allocation.
-        if resolved.bulkhead is None:
-            self.held = limiter.try_take(resolved.priority)
-        else:
+        if resolved.bulkhead is not None:
             self.permit = limiter.try_acquire(resolved.priority, bulkhead=resolved.bulkhead)
-            self.held = self.permit is not None
-        if self.held:
-            return None
+            if self.permit is not None:
+                self.held = True
+                return None
         waited_from = anyio.current_time()
         try:
             self.permit = await limiter.acquire(
@@ -246,12 +259,12 @@ class GuardedRequest(context.CallContext):
         except Shed as exc:
             return Refusal("overloaded", exc.reason, exc.retry_after)
         except BaseException:
-            self.outcome.abandon()
+            self._abandon()
             raise
         self.held = True
         guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
         breaker = guard.breaker
-        trial = self.outcome.trial
+        trial = self._outcome.trial if self._outcome is not None else None
         if breaker.state is not CLOSED and (trial is None or trial.done):
             # The breaker opened (or moved on without this request's trial) while it
             # waited: it must not reach the pool.
@@ -264,7 +277,6 @@ class GuardedRequest(context.CallContext):
     async def _run_app(self) -> None:
         if self.plan is not None:
             self.capture = self.plan.capture()
-        outcome = self.outcome
         token = context.enter(self)
         try:
             if self.deadline is None:
@@ -275,42 +287,41 @@ class GuardedRequest(context.CallContext):
                 if self.cancel.cancelled_caught and not self.started:
                     # Past its deadline before it had an answer: the client gets a 503
                     # now instead of waiting on.
-                    outcome.abandon()
+                    self._abandon()
                     self.release()
-                    retry_after = self.middleware.guard.limiter.retry_after
+                    retry_after = self.guard.limiter.retry_after
                     await self._refuse(Refusal("timeout", "timeout", retry_after))
         except Exception as exc:
             if self.started or self._from_client(exc):
                 # What fails once the answer is on its way, or in talking to the client,
                 # says nothing about the database.
-                outcome.abandon()
+                self._abandon()
                 raise
             shed = shed_behind(exc)
             if shed is not None:
                 # Refused for load, or another service is down: not the database. Its
                 # retry_after, the route's fallback, and the database's breaker left alone.
-                outcome.abandon()
+                self._abandon()
                 self.release()
                 await self._refuse(refusal_for(shed))
                 return
-            if outcome.fail(exc) is not ErrorKind.OUTAGE:
+            if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
             await self._answer_outage(exc)
         except asyncio.CancelledError:
-            outcome.abandon()
+            self._abandon()
             if not self.aborted:
                 raise
             # The watchdog let go of a client too slow to read: the response stays cut
             # short, the slot is back already, and the server closes the connection.
             uncancel(self.task)
         except BaseException:
-            outcome.abandon()
+            self._abandon()
             raise
-        else:
-            outcome.finish()
         finally:
-            self.release()
-            outcome.finish()  # never leaves a trial held, whatever happened above
+            if self.held:
+                self.release()
+            self._finish()  # safe after any of the above; never leaves a trial held
             context.leave(token)
             if self.checkouts:
                 request_finished(self)
@@ -322,7 +333,7 @@ class GuardedRequest(context.CallContext):
     async def _answer_outage(self, exc: Exception) -> None:
         # The database failed before the response started: a 503 the client can act
         # on, never the driver's text. The server log keeps the exception.
-        guard = self.middleware.guard
+        guard = self.guard
         template = self.route
         pool = self.outcome.pool
         guard.telemetry.event(
@@ -352,14 +363,18 @@ class GuardedRequest(context.CallContext):
         final = (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
             "more_body", False
         )
-        if final and not self.checkouts:
+        if final and self.held and not self.checkouts:
             # The app has produced all of it and holds no connection: the slot goes back
             # before the client reads it (a slow reader holds nothing), and before a copy
             # is stored (a remote store's write must not hold a database slot).
             self.release()
         timeout = self.resolved.send_timeout
         if timeout is not None:
-            self._watch(timeout)
+            if self.task is None:
+                self._watch(timeout)
+            else:
+                self.client_since = now = _monotonic()
+                self.client_deadline = now + timeout
         try:
             await self.send(message)
         except BaseException as exc:
@@ -367,7 +382,7 @@ class GuardedRequest(context.CallContext):
             raise
         finally:
             self.client_deadline = 0.0
-        if final:
+        if final and self.held:
             self.release()
         capture = self.capture
         if capture is not None and not await capture.copy(kind, message):
@@ -378,7 +393,7 @@ class GuardedRequest(context.CallContext):
         if self.held:
             self.held = False
             if self.permit is None:
-                self.middleware.guard.limiter.give_back()
+                self.guard.limiter.give_back()
             else:
                 self.permit.release()
 
@@ -386,7 +401,7 @@ class GuardedRequest(context.CallContext):
 
     async def _refuse(self, refusal: Refusal) -> None:
         """Answer a request guardrails will not run: a stale copy if allowed, else 503."""
-        guard = self.middleware.guard
+        guard = self.guard
         telemetry = guard.telemetry
         template = self.route
         telemetry.count_shed(refusal.reason, template)
