@@ -9,9 +9,10 @@ connection was taken for, the request's deadline and its :class:`~guardrails.out
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from guardrails.outcome import Outcome
+if TYPE_CHECKING:
+    from guardrails.outcome import Outcome
 
 __all__ = ["NO_REQUEST", "CallContext", "current", "enter", "leave"]
 
