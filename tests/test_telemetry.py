@@ -174,7 +174,7 @@ async def test_a_queue_wait_warning_logs_the_measured_p95_and_its_threshold(
     (warning,) = guard.warnings()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("early")]
     assert lines == [
-        f"early warning: queue_wait_p95: requests wait {warning.observed * 1000:.0f} ms for "
+        f"early warning: queue_wait_p95: requests wait {round(warning.observed * 1000)} ms for "
         "a slot at p95 (warning above 100 ms)"
     ]
     assert warning.observed >= 0.3

@@ -268,3 +268,17 @@ def test_pool_timeouts_behind_an_outage_are_said() -> None:
 def test_a_storm_is_said_before_the_outage_it_causes() -> None:
     samples = series(9, refused_total=lambda i: i, breaker="open", outage_refused_total=40)
     assert diagnose(samples).kind == "storm"
+
+
+def test_the_outage_names_what_first_opened_the_breaker_not_a_failed_probe() -> None:
+    samples = series(
+        9,
+        breaker="open",
+        outage_refused_total=lambda i: 10 * i,
+        opened_by=lambda i: (
+            "ConnectionRefusedError on /items/{id}"
+            if i < 4
+            else "ConnectionRefusedError in the recovery probe"
+        ),
+    )
+    assert "it opened on ConnectionRefusedError on /items/{id};" in diagnose(samples).evidence

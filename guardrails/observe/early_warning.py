@@ -97,23 +97,26 @@ def early_warnings(
     recent = last_seconds(samples, settings.window)
     limit_wait = settings.queue_wait_p95 or queue_timeout / 2
     p95 = queue_wait_p95(recent, recent_queue_waits)
+    # Observed values are whole milliseconds, the same the text shows.
     if p95 is not None and limit_wait > 0 and p95 > limit_wait:
+        ms = round(p95 * 1000)
         found.append(
             Warning_(
                 "queue_wait_p95",
-                round(p95, 4),
+                ms / 1000,
                 limit_wait,
-                f"requests wait {p95 * 1000:.0f} ms for a slot at p95 "
+                f"requests wait {ms} ms for a slot at p95 "
                 f"(warning above {limit_wait * 1000:.0f} ms)",
             )
         )
     if acquire_p95 is not None and acquire_p95 > settings.acquire_wait_p95:
+        ms = round(acquire_p95 * 1000)
         found.append(
             Warning_(
                 "acquire_wait_p95",
-                round(acquire_p95, 4),
+                ms / 1000,
                 settings.acquire_wait_p95,
-                f"pool acquire p95 is {acquire_p95 * 1000:.0f} ms "
+                f"pool acquire p95 is {ms} ms "
                 f"(warning above {settings.acquire_wait_p95 * 1000:.0f} ms)",
             )
         )

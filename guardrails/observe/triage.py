@@ -177,7 +177,8 @@ def _outage(recent: list[Sample]) -> Diagnosis | None:
     if refused <= 0 and not not_closed:
         return None
     timeouts = last.pool_timeouts_total - first.pool_timeouts_total
-    opened_by = next((s.opened_by for s in reversed(recent) if s.opened_by), None)
+    # The first opening in the window: later ones are mostly failed recovery probes.
+    opened_by = next((s.opened_by for s in recent if s.opened_by), None)
     cause = f"; it opened on {opened_by}" if opened_by else ""
     if timeouts > 0:
         advice = (
