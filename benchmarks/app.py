@@ -115,7 +115,9 @@ def build(config: dict[str, Any]) -> Starlette:
     guard: gr.Guardrails | None = None
     if variant == "guardrails":
         probe: Callable[[], Awaitable[object]] | None = None
-        if config.get("probe"):
+        if config.get("probe") == "ping":
+            probe = gr.ping(engine)  # the ready probe, through the app's own pool
+        elif config.get("probe"):
             plain_dsn = config["plain_dsn"]
 
             async def ping() -> None:

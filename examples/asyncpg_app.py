@@ -25,8 +25,20 @@ import guardrails as gr
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1/postgres")
 POOL_SIZE = 5
 
-guard = gr.Guardrails(concurrency=POOL_SIZE, queue_timeout=0.5, max_queue=16)
 state: dict[str, asyncpg.Pool] = {}
+
+
+async def ping() -> None:
+    """The ready probe for the pool, which exists once the lifespan has made it."""
+    await gr.ping(state["pool"])()
+
+
+guard = gr.Guardrails(
+    concurrency=POOL_SIZE,
+    queue_timeout=0.5,
+    max_queue=16,
+    breaker=gr.BreakerSettings(probe=ping),
+)
 
 
 @guard.read
@@ -47,10 +59,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state["pool"] = pool
     watcher = guard.watch_pool(pool, name="asyncpg")
     try:
-        yield
+        async with guard:  # the sampler and the probe run until shutdown
+            yield
     finally:
         watcher.close()
-        await guard.aclose()
         await pool.close()
 
 

@@ -34,6 +34,7 @@ guard = gr.Guardrails(
     budget=budget,
     queue_timeout=0.5,
     cache=gr.MemoryCache(),
+    breaker=gr.BreakerSettings(probe=gr.ping(engine)),  # SELECT 1 through the engine
     policies={
         # Reports: shed first, at most two at a time, never longer than 15 s.
         "GET /api/reports/{path:path}": gr.Policy(priority="low", max_concurrency=2, timeout=15),
@@ -88,8 +89,8 @@ async def report(name: str) -> dict[str, str]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
-    await guard.aclose()
+    async with guard:  # the sampler (triage, early warnings) and the probe run meanwhile
+        yield
     await engine.dispose()
 
 

@@ -62,13 +62,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         retry=gr.RetrySettings(attempts=1),
     )
     async with (
+        guard,  # the guard's background work runs for the app's life
         httpx.AsyncClient(transport=weather, base_url=UPSTREAM_URL, timeout=5) as weather_client,
         httpx.AsyncClient(transport=partner, base_url=PARTNER_URL, timeout=1) as partner_client,
     ):
         app.state.weather = weather_client
         app.state.partner = partner_client
         yield
-    await guard.aclose()
 
 
 def weather_client(request: Request) -> httpx.AsyncClient:

@@ -35,17 +35,12 @@ engine = create_async_engine(
     DATABASE_URL, pool_size=budget.per_process, max_overflow=0, pool_timeout=2
 )
 
-
-async def ping() -> None:
-    async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
-
-
 guard = gr.Guardrails(
     budget=budget,
     queue_timeout=0.5,
     max_queue=32,
-    breaker=gr.BreakerSettings(fail_max=5, reset_timeout=10, probe=ping, probe_timeout=2),
+    # Recovery: SELECT 1 through this engine every second while the breaker is open.
+    breaker=gr.BreakerSettings(fail_max=5, probe=gr.ping(engine)),
     cache=gr.MemoryCache(max_entries=1_000),
     policies={"/reports/{name}": gr.Policy(priority="low", max_concurrency=2, timeout=10)},
 )
@@ -86,8 +81,8 @@ async def add_note(request: Request) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    yield
-    await guard.aclose()
+    async with guard:  # the sampler (triage, early warnings) and the probe run meanwhile
+        yield
     await engine.dispose()
 
 

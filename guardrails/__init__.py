@@ -25,6 +25,7 @@ from guardrails.limiter import ConcurrencyLimiter, Permit, Priority
 from guardrails.observe.triage import Diagnosis, EarlyWarning
 from guardrails.outbound import GuardedTransport, OriginUnavailable
 from guardrails.policy import OnUnavailable, Policy, policy
+from guardrails.pools.probe import ping
 from guardrails.retry import RetryBudget, RetrySettings
 
 __all__ = [
@@ -58,5 +59,6 @@ __all__ = [
     "Shed",
     "Unavailable",
     "classify",
+    "ping",
     "policy",
 ]

@@ -47,7 +47,7 @@ import pybreaker
 
 from guardrails.errors import Classifier, ErrorKind, Unavailable, classify
 
-__all__ = ["Breaker", "BreakerSettings", "BreakerState", "Trial"]
+__all__ = ["Breaker", "BreakerSettings", "BreakerState", "Trial", "describe_outage"]
 
 logger = logging.getLogger("guardrails.breaker")
 
@@ -121,6 +121,17 @@ class BreakerSettings:
                 f"probe must be an async callable taking no arguments, not {self.probe!r}"
             )
         object.__setattr__(self, "classifiers", tuple(self.classifiers))
+
+
+def describe_outage(outage: dict[str, Any]) -> str:
+    """Words for a :attr:`Breaker.last_outage`: ``OperationalError on /items/{id} (pool
+    main)``, ``TimeoutError (pool main)``, ``OperationalError in the recovery probe``."""
+    where = " in the recovery probe" if outage.get("probe") else ""
+    if outage.get("route"):
+        where += f" on {outage['route']}"
+    if outage.get("pool"):
+        where += f" (pool {outage['pool']})"
+    return f"{outage.get('error') or 'an outage'}{where}"
 
 
 StateListener = Callable[[str | None, str, dict[str, Any]], None]
@@ -200,6 +211,15 @@ class Breaker:
         self._wake: anyio.Event | None = None
         self.transitions = 0
         """Number of state changes since the breaker was made."""
+        self.last_outage: dict[str, Any] | None = None
+        """The last outage counted: ``error`` (its type), ``route``, ``pool``, ``probe``
+        (whether the recovery probe met it) and ``at``; ``None`` before the first."""
+        self.opened_by: dict[str, Any] | None = None
+        """The outage that opened the breaker (as :attr:`last_outage`), while it is not
+        closed; ``None`` when closed or opened by a coordinator."""
+        self._feeding = False
+        self.refused_total = 0
+        """Calls refused while open or half-open (each :meth:`unavailable` made)."""
         self.counting = False
         """Whether outages may have been counted since the last success (cheap to read)."""
         self.hold = False
@@ -261,14 +281,22 @@ class Breaker:
         self._trial = Trial(self)
         return self._trial
 
-    def record(self, trial: Trial | None, exc: BaseException | None = None) -> ErrorKind | None:
+    def record(
+        self,
+        trial: Trial | None,
+        exc: BaseException | None = None,
+        *,
+        route: str | None = None,
+        pool: str | None = None,
+    ) -> ErrorKind | None:
         """Record how a call admitted by :meth:`admit` ended; returns the kind of ``exc``.
 
         ``exc=None`` is a success. An outage counts toward opening (or re-opens from
         half-open); the app's own and transient errors count as successes, since the
         database answered; cancellation records nothing and gives the trial back
         undecided. Outcomes of calls admitted while closed that end after the breaker
-        opened are ignored: they describe the past.
+        opened are ignored: they describe the past. ``route`` and ``pool`` say where an
+        outage was seen; they are kept as :attr:`last_outage` and name what opened it.
         """
         kind = None if exc is None else classify(exc, self.settings.classifiers)
         if trial is not None:
@@ -283,7 +311,7 @@ class Breaker:
             return kind  # the hot path: closed, nothing to reset
         elif isinstance(exc, _STOPPING):
             return kind
-        self._feed(kind is ErrorKind.OUTAGE, exc)
+        self._feed(kind is ErrorKind.OUTAGE, exc, route, pool)
         return kind
 
     def record_unproven(self, trial: Trial | None) -> None:
@@ -308,13 +336,16 @@ class Breaker:
         if trial is not None and not trial.done:
             self._end(trial)
 
-    def record_outage(self, exc: BaseException) -> None:
+    def record_outage(
+        self, exc: BaseException, *, route: str | None = None, pool: str | None = None
+    ) -> None:
         """Count an outage seen outside any admitted call (e.g. by a pool watcher)."""
         if self.state is CLOSED:
-            self._feed(True, exc)
+            self._feed(True, exc, route, pool)
 
     def unavailable(self) -> Unavailable:
         """The exception a refused call gets: says the state, carries ``retry_after``."""
+        self.refused_total += 1
         return Unavailable(
             f"the {self.name} circuit breaker is {self.state.value.replace('_', '-')}",
             retry_after=self.retry_after,
@@ -363,11 +394,14 @@ class Breaker:
             "reset_timeout": self.settings.reset_timeout,
             "retry_after": self.retry_after,
             "opened_at": self._opened_wall.isoformat() if self._opened_wall else None,
+            "opened_by": self.opened_by,
+            "last_outage": self.last_outage,
             "trial_in_flight": self._trial is not None,
             "probe": self.settings.probe is not None,
             "probe_interval": self.settings.probe_interval,
             "probing": self.probing,
             "transitions": self.transitions,
+            "refused_total": self.refused_total,
         }
 
     # -- the probe ---------------------------------------------------------------------
@@ -417,7 +451,7 @@ class Breaker:
             return  # the state moved on while it ran (a coordinator closed or reopened it)
         self._end(trial)
         # Any probe failure counts: the probe exists only to answer "is it back?".
-        self._feed(outcome is not None, outcome)
+        self._feed(outcome is not None, outcome, probe=True)
         if outcome is not None:
             logger.info("%s breaker probe failed: %s", self.name, type(outcome).__name__)
 
@@ -450,16 +484,36 @@ class Breaker:
         if self._trial is trial:
             self._trial = None
 
-    def _feed(self, failed: bool, exc: BaseException | None) -> None:
+    def _feed(
+        self,
+        failed: bool,
+        exc: BaseException | None,
+        route: str | None = None,
+        pool: str | None = None,
+        *,
+        probe: bool = False,
+    ) -> None:
         # pybreaker raises the failure back at us: hand it a stand-in, so the caller's
         # own exception keeps its traceback free of pybreaker's frames.
         try:
             if failed:
-                self._cb.call(_fail, _Outage(type(exc).__name__ if exc else "outage"))
+                error = type(exc).__name__ if exc else "outage"
+                at = datetime.now(timezone.utc).isoformat()
+                self.last_outage = {
+                    "error": error,
+                    "route": route,
+                    "pool": pool,
+                    "probe": probe,
+                    "at": at,
+                }
+                self._feeding = True  # a transition now was caused by this outage
+                self._cb.call(_fail, _Outage(error))
             else:
                 self._cb.call(_succeed)
         except _Outage:
             pass
+        finally:
+            self._feeding = False
         self.counting = self.state is not CLOSED or bool(self._cb.fail_counter)
 
     def _drop_trial(self) -> None:
@@ -476,6 +530,7 @@ class Breaker:
         if new is not HALF_OPEN:
             self._unproven = 0
         if new is OPEN:
+            self.opened_by = self.last_outage if self._feeding else None
             self._opened_at = self._clock()
             self._opened_wall = datetime.now(timezone.utc)
             self._probe_due = self._opened_at + self.settings.probe_interval
@@ -486,6 +541,7 @@ class Breaker:
                     wake.set()
                 self._start_own_probe()
         elif new is CLOSED:
+            self.opened_by = None
             self._opened_at = None
             self._opened_wall = None
             self._drop_trial()
@@ -494,14 +550,16 @@ class Breaker:
     def _announce(self, old: BreakerState | None, new: BreakerState) -> None:
         snapshot = self.snapshot()
         was = old.value if old is not None else None
+        cause = describe_outage(self.opened_by) if new is OPEN and self.opened_by else ""
         logger.log(
             logging.WARNING if new is OPEN else logging.INFO,
-            "%s circuit breaker %s -> %s (failures %d, retry after %ds)",
+            "%s circuit breaker %s -> %s (failures %d, retry after %ds%s)",
             self.name,
             was or "?",
             new.value,
             snapshot["failures"],
             snapshot["retry_after"],
+            f"; opened by {cause}" if cause else "",
             extra={"guardrails": {"event": "breaker_state", "old": was, **snapshot}},
         )
         for listener in (self._on_change, *self._listeners):

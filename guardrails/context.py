@@ -54,7 +54,7 @@ class CallContext:
         if outcome is None:
             if self.guard is None:
                 raise RuntimeError("a CallContext needs a guard or an Outcome")
-            outcome = self._outcome = Outcome(self.guard)
+            outcome = self._outcome = Outcome(self.guard, route=self.route)
         return outcome
 
 

@@ -30,7 +30,6 @@ from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import Diagnosis, EarlyWarning, Sample, Warning_, refused_as_too_many
-from guardrails.outcome import Outcome
 from guardrails.policy import Policy
 from guardrails.pools import checked_threshold
 from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
@@ -136,7 +135,7 @@ class Guardrails:
         self._read_only_reason: str | None = None
         if breaker is not None and not isinstance(breaker, BreakerSettings):
             raise TypeError(f"breaker must be a guardrails BreakerSettings, not {breaker!r}")
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(self.limiter)
         """Counters and state-change events; add sinks with ``telemetry.add_sink``."""
         self.breaker = Breaker(breaker, on_change=self.telemetry.breaker_changed)
         if retry is not None and not isinstance(retry, RetrySettings):
@@ -193,6 +192,7 @@ class Guardrails:
             self.retry_budget,
             lambda: [watcher.snapshot() for watcher in self._watchers],
             self.early_warning,
+            self.breaker,
         )
         """Samples the counters each second for the early warnings and the triage."""
         self.background = Background(self._background_jobs)
@@ -281,7 +281,7 @@ class Guardrails:
         ctx = context.current()
         token = None
         if ctx is None:  # a job or startup code: this call is its own little request
-            ctx = context.CallContext(NO_REQUEST, Outcome(self))
+            ctx = context.CallContext(NO_REQUEST, guard=self)
             token = context.enter(ctx)
         outcome = ctx.outcome
         try:
@@ -322,8 +322,8 @@ class Guardrails:
                 ) from exc
         finally:
             if token is not None:
-                context.leave(token)
                 outcome.abandon()  # a pool timeout it caught itself still counts
+                context.leave(token)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         """What ``exc`` says about the database, with this guard's extra classifiers."""
@@ -362,7 +362,8 @@ class Guardrails:
         """Called by pool watchers for each pool timeout they see (on any thread)."""
         ctx = context.current()
         if ctx is None:
-            self._on_loop(self.breaker.record_outage, exc)
+            pool = getattr(watcher, "name", None)
+            self._on_loop(lambda error: self.breaker.record_outage(error, pool=pool), exc)
         else:
             # The request or guarded call records it when it ends, once, even when the
             # app catches the timeout and answers on its own.
@@ -504,10 +505,12 @@ class Guardrails:
         # so its id cannot be reused by another policy.
         known = self._bulkheads.get(id(chosen))
         if known is not None:
+            self.telemetry.route_in_bulkhead(template, known[1])
             return known[1]
         taken = {name for _, name in self._bulkheads.values()}
         name = template if template not in taken else f"{template}#{len(taken) + 1}"
         self._bulkheads[id(chosen)] = (chosen, name)
+        self.telemetry.route_in_bulkhead(template, name)
         return self.limiter.bulkhead(name, chosen.max_concurrency)
 
     # -- outbound calls (GuardedTransport) -----------------------------------------------

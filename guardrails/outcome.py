@@ -32,6 +32,7 @@ class Outcome:
     """
 
     __slots__ = (
+        "_route",
         "failure",
         "finished",
         "guard",
@@ -42,8 +43,11 @@ class Outcome:
         "trial",
     )
 
-    def __init__(self, guard: Guardrails, trial: Trial | None = None) -> None:
+    def __init__(
+        self, guard: Guardrails, trial: Trial | None = None, *, route: str | None = None
+    ) -> None:
         self.guard = guard
+        self._route = route
         self.trial = trial
         self.recorded = False
         self.failure: BaseException | None = None
@@ -77,9 +81,11 @@ class Outcome:
     def call_failed(self, trial: Trial | None, exc: BaseException) -> None:
         """A guarded call admitted with ``trial`` raised ``exc``: record it, once."""
         pending = self.pool_timeout
-        if pending is not None and in_chain(exc, pending):
+        timed_out = pending is not None and in_chain(exc, pending)
+        if timed_out:
             self.pool_timeout = None
-        self.guard.breaker.record(trial, exc)
+        pool = self.pool if timed_out else None
+        self.guard.breaker.record(trial, exc, route=self.route(), pool=pool)
         self.recorded = True
         self.failure = exc
         self.guard.note_failure(exc)
@@ -87,7 +93,10 @@ class Outcome:
     def call_succeeded(self, trial: Trial | None) -> None:
         """A guarded call returned; a pool timeout it caught itself is still an outage."""
         pending, self.pool_timeout = self.pool_timeout, None
-        self.guard.breaker.record(trial, pending)
+        if pending is None:
+            self.guard.breaker.record(trial)
+        else:
+            self.guard.breaker.record(trial, pending, route=self.route(), pool=self.pool)
         self.recorded = True
 
     # -- how the request ends ------------------------------------------------------------
@@ -109,10 +118,12 @@ class Outcome:
         )
         if not counted:
             pending = self.pool_timeout
+            pool = None
             if pending is not None and in_chain(exc, pending):
                 pending = self.pool_timeout = None
+                pool = self.pool
             if kind is ErrorKind.OUTAGE or (self._proves() and not self.recorded and not pending):
-                guard.breaker.record(self._live(), exc)
+                guard.breaker.record(self._live(), exc, route=self.route(), pool=pool)
             guard.note_failure(exc)
             self.failure = exc
         self.recorded = True
@@ -136,16 +147,21 @@ class Outcome:
         live = self._live()
         pending, self.pool_timeout = self.pool_timeout, None
         if pending is not None:
+            route = self.route()
             if live is not None:
-                breaker.record(live, pending)
+                breaker.record(live, pending, route=route, pool=self.pool)
             else:
-                breaker.record_outage(pending)
+                breaker.record_outage(pending, route=route, pool=self.pool)
         elif not self.recorded and (live is not None or breaker.counting):
             if self._proves():
                 breaker.record(live)
             else:
                 breaker.record_unproven(live)
         breaker.release(self.trial)
+
+    def route(self) -> str | None:
+        """The route template of the request this outcome belongs to, if known."""
+        return self._route
 
     def _live(self) -> Trial | None:
         trial = self.trial

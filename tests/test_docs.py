@@ -279,18 +279,8 @@ async def test_fastapi_recipe() -> None:
     assert namespace["guard"].snapshot()["limiter"]["admitted_total"] == 0
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("marker", "driver", "call"),
-    [
-        ("async_sessionmaker(", "asyncpg", "order_count"),
-        ("asyncpg.create_pool(", None, "server_time"),
-        ("AsyncConnectionPool(", None, "open_orders"),
-    ],
-)
-async def test_database_recipes_run_on_postgres(
-    postgres: Any, marker: str, driver: Any, call: str
-) -> None:
+async def one_order(postgres: Any) -> None:
+    """The recipes' ``orders`` table, holding one order of customer 1 (total 5)."""
     import asyncpg
 
     conn = await asyncpg.connect(postgres.dsn())
@@ -302,6 +292,21 @@ async def test_database_recipes_run_on_postgres(
         await conn.execute("INSERT INTO orders VALUES (1, 5, 'open')")
     finally:
         await conn.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("marker", "driver", "call"),
+    [
+        ("Session = async_sessionmaker(", "asyncpg", "order_count"),
+        ("asyncpg.create_pool(", None, "server_time"),
+        ("AsyncConnectionPool(", None, "open_orders"),
+    ],
+)
+async def test_database_recipes_run_on_postgres(
+    postgres: Any, marker: str, driver: Any, call: str
+) -> None:
+    await one_order(postgres)
     namespace = recipe(marker, DATABASE_URL=postgres.dsn(driver))
     app, guard = namespace["app"], namespace["guard"]
     async with app.router.lifespan_context(app):
@@ -321,3 +326,59 @@ def test_pgbouncer_classifier_recipe() -> None:
     refused = RuntimeError("no more connections allowed (max_client_conn)")
     assert gr.classify(refused, settings.classifiers) is gr.ErrorKind.OUTAGE
     assert gr.classify(ValueError("bad input"), settings.classifiers) is gr.ErrorKind.APP
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("marker", "driver"), [("AsyncSessionDep", "asyncpg"), ("SyncSessionDep", "psycopg")]
+)
+async def test_fastapi_depends_recipes_run_on_postgres(
+    postgres: Any, marker: str, driver: str
+) -> None:
+    await one_order(postgres)
+    namespace = recipe(marker, DATABASE_URL=postgres.dsn(driver))  # type: ignore[arg-type]
+    app, guard = namespace["app"], namespace["guard"]
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        assert guard.background.started  # the lifespan runs the sampler and the probe
+        assert (await client.get("/customers/1/orders")).json() == {"orders": 1}
+        if marker == "AsyncSessionDep":
+            assert (await client.get("/customers/1/total")).json() == {"total": 5}
+        assert (await client.get("/customers/x/orders")).status_code == 422
+    (pool,) = guard.snapshot()["pools"]
+    assert pool["acquires_total"] >= 1
+    # Each session gave its connection back within its request.
+    assert (pool["checked_out"], pool["leak_suspects_total"]) == (0, 0)
+    assert guard.limiter.in_flight == 0
+    assert guard.breaker.settings.probe is not None
+
+
+@pytest.mark.anyio
+async def test_verified_identity_cache_key_recipe() -> None:
+    verified: list[str] = []
+
+    def verify_token(token: str) -> dict[str, str] | None:
+        verified.append(token)
+        return {"sub": token.removeprefix("good-")} if token.startswith("good-") else None
+
+    namespace = recipe("verified_subject", verify_token=verify_token)
+    app, guard = namespace["app"], namespace["guard"]
+    transport = httpx.ASGITransport(app=app)
+    alice = {"authorization": "Bearer good-alice"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        first = await client.get("/me/orders", headers=alice)
+        assert verified == ["good-alice"]  # once: the dependency reused the middleware's
+        assert (await client.get("/me/orders")).status_code == 401
+        assert (
+            await client.get("/me/orders", headers={"authorization": "Bearer x"})
+        ).status_code == 401
+        guard.breaker.force_open(30)  # the database is down: alice gets her own copy
+        stale = await client.get("/me/orders", headers=alice)
+        bob = await client.get("/me/orders", headers={"authorization": "Bearer good-bob"})
+    assert first.json() == {"orders_of": "alice"}
+    assert (stale.status_code, stale.headers["x-guardrails"]) == (200, "stale")
+    assert stale.json() == {"orders_of": "alice"}
+    assert bob.status_code == 503  # never alice's page

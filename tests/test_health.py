@@ -211,3 +211,25 @@ async def test_sustained_utilization_warns_before_anything_is_shed() -> None:
     assert body["checks"]["warning:utilization"][0]["observedValue"] == 1.0
     assert "slots busy" in body["output"]
     assert guard.limiter.shed_total == 0
+
+
+async def test_after_an_outage_the_report_counts_the_refusals_and_says_outage() -> None:
+    guard = gr.Guardrails(concurrency=4, early_warning=gr.EarlyWarning(triage_window=5))
+    guard.sample()
+    open_breaker(guard)
+    async with client(build(guard)) as c:
+        refused = [await c.get("/work") for _ in range(3)]
+        guard.sample()
+        guard.breaker.force_close()  # the database is back
+        guard.sample()
+        guard.sample()
+        after = (await c.get("/health/guardrails")).json()
+    assert [r.status_code for r in refused] == [503] * 3
+    assert after["status"] == "warn"
+    triage = after["checks"]["triage:kind"][0]
+    assert triage["observedValue"] == "outage"
+    assert "(now closed) and 3 request(s) were refused with 503" in triage["output"]
+    snapshot = guard.snapshot()
+    assert snapshot["breaker"]["refused_total"] == 3
+    assert snapshot["telemetry"]["outage_refused_total"] == 3
+    assert snapshot["limiter"]["shed_total"] == 0  # the limiter never saw them

@@ -81,6 +81,8 @@ async def test_counters_after_admits_queues_sheds_and_an_open_breaker() -> None:
     assert now[("guardrails_breaker_state", (("state", "open"),))] == 1
     assert now[("guardrails_breaker_state", (("state", "closed"),))] == 0
     assert now[("guardrails_breaker_transitions_total", (("state", "open"),))] == 1
+    # Opened by an outage outside any request: no route, no pool to name.
+    assert now[("guardrails_breaker_opened_by_total", (("pool", ""), ("route", "")))] == 1
     # Three admitted: two at once (in the lowest bucket), one after queueing ~50 ms.
     assert now[("guardrails_queue_wait_seconds_count", base)] == 3
     assert now[("guardrails_queue_wait_seconds_bucket", (("le", "0.001"),))] == 2
@@ -145,5 +147,8 @@ async def test_pool_retry_and_fallback_metrics_on_a_real_pool(
     assert acquires == 2 + 3
     assert now[("guardrails_retries_total", (("outcome", "retried"),))] == 2
     assert now[("guardrails_breaker_state", (("state", "open"),))] == 1
+    # The route and the pool of the pool timeout that opened it.
+    opened_by = (("pool", "main"), ("route", "/dashboard"))
+    assert now[("guardrails_breaker_opened_by_total", opened_by)] == 1
     fallbacks = (("kind", "stale"), ("route", "/dashboard"))
     assert now[("guardrails_fallbacks_total", fallbacks)] == 2

@@ -8,7 +8,14 @@ import psycopg
 import pytest
 
 import guardrails as gr
-from guardrails.observe.triage import EarlyWarning, Sample, diagnose, early_warnings, queue_wait_p95
+from guardrails.observe.triage import (
+    BulkheadSample,
+    EarlyWarning,
+    Sample,
+    diagnose,
+    early_warnings,
+    queue_wait_p95,
+)
 
 
 def series(n: int = 30, **changes: object) -> list[Sample]:
@@ -110,11 +117,22 @@ def test_early_warnings() -> None:
     )
     assert [w.check for w in found] == ["queue_wait_p95", "acquire_wait_p95", "utilization"]
     assert found[2].observed == 0.9
+    # Each says what was measured and the threshold it crossed.
+    assert [w.text for w in found] == [
+        "requests wait 900 ms for a slot at p95 (warning above 500 ms)",
+        "pool acquire p95 is 300 ms (warning above 100 ms)",
+        "at least 90% of the slots busy for the last 10 s (warning at 80%)",
+    ]
+    assert [(w.observed, w.threshold) for w in found] == [(0.9, 0.5), (0.3, 0.1), (0.9, 0.8)]
     spent = [replace(s, retry_remaining=0) for s in series(5)]
     quiet = early_warnings(
         spent, settings, queue_timeout=1.0, recent_queue_waits=[], acquire_p95=None
     )
     assert [w.check for w in quiet] == ["retry_budget"]
+    assert quiet[0].text == (
+        "the retry budget is spent: 0 retries left (warning at 0): reads are not retried "
+        "until calls outnumber retries again"
+    )
 
 
 def test_utilization_must_hold_for_the_whole_window() -> None:
@@ -151,3 +169,116 @@ def test_bad_settings(kwargs: dict[str, float], message: str) -> None:
         EarlyWarning(**kwargs)
     with pytest.raises(TypeError, match="early_warning must be"):
         gr.Guardrails(concurrency=2, early_warning=kwargs)  # type: ignore[arg-type]
+
+
+def test_sheds_by_a_routes_own_max_concurrency_are_a_bulkhead_not_exhaustion() -> None:
+    # 5 global slots, one busy; /reports/{name} has 2 slots of its own, always full, and
+    # sheds 3 requests a second. The pool has room: nothing is exhausted.
+    samples = series(
+        9,
+        limit=5,
+        in_flight=2,
+        arrivals_total=lambda i: 13 * i,
+        admitted_total=lambda i: 10 * i,
+        bulkheads=lambda i: (BulkheadSample("/reports/{name}", 2, 2, 3 * i),),
+    )
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "bulkhead"
+    assert diagnosis.evidence == (
+        "24 request(s) shed by routes' own max_concurrency in the last 8 s: "
+        "/reports/{name} shed 24 (its 2 slot(s) full in 100%); all 5 global slots busy in "
+        "0%: the pool is not exhausted, the sub-limit holds these routes back on purpose; "
+        "if they need more, raise max_concurrency (it serves at most max_concurrency / "
+        "hold time requests per second)"
+    )
+    assert diagnosis.numbers == {
+        "bulkhead_shed": 24,
+        "bulkhead_full_fraction": 1.0,
+        "busy_fraction": 0.0,
+    }
+
+
+def test_exhaustion_counts_the_global_sheds_apart_from_a_bulkheads() -> None:
+    samples = series(
+        9,
+        limit=5,
+        in_flight=5,
+        arrivals_total=lambda i: 15 * i,
+        admitted_total=lambda i: 10 * i,
+        bulkheads=lambda i: (BulkheadSample("/reports/{name}", 2, 2, 2 * i),),
+    )
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "exhaustion"
+    assert (diagnosis.numbers["shed"], diagnosis.numbers["bulkhead_shed"]) == (24, 16)
+    assert diagnosis.evidence.startswith(
+        "all 5 slots busy in 100% of the last 8 s, 24 request(s) shed "
+        "(and 16 by routes' own max_concurrency), 0 pool timeout(s), at 15.0 req/s"
+    )
+
+
+def test_an_open_breaker_refusing_requests_is_an_outage() -> None:
+    # The breaker opened at 3 s and refused 145 requests; no request reached the limiter.
+    samples = series(
+        9,
+        arrivals_total=30,
+        admitted_total=30,
+        breaker=lambda i: "open" if i >= 3 else "closed",
+        outage_refused_total=lambda i: 0 if i < 3 else 145 * (i - 3) // 5,
+        opened_by=lambda i: "OperationalError on /items/{id}" if i >= 3 else None,
+    )
+    assert samples[-1].outage_refused_total == 145
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "outage"
+    assert diagnosis.evidence == (
+        "the circuit breaker was open or half-open in 67% of the last 8 s (now open) and "
+        "145 request(s) were refused with 503 because the database was down; it opened on "
+        "OperationalError on /items/{id}; 0 pool timeout(s): the database is down, "
+        "restarting or unreachable (connections refused or dropped), not short of "
+        "connections: look at the database; meanwhile requests are answered at once, and "
+        "the breaker closes when it answers again"
+    )
+    assert diagnosis.numbers == {"refused": 145, "open_fraction": 0.667, "pool_timeouts": 0}
+
+
+def test_refusals_after_the_breaker_closed_still_say_outage_for_the_window() -> None:
+    samples = series(9, outage_refused_total=lambda i: 145 if i >= 2 else 0)
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "outage"
+    assert "in 0% of the last 8 s (now closed) and 145 request(s)" in diagnosis.evidence
+    assert diagnose(samples[5:]).kind == "none"  # the window holds no refusal any more
+
+
+def test_pool_timeouts_behind_an_outage_are_said() -> None:
+    samples = series(
+        9,
+        breaker="open",
+        pool_timeouts_total=lambda i: min(i, 5),
+        outage_refused_total=lambda i: 4 * i,
+        opened_by="TimeoutError on /reports/{name} (pool main)",
+    )
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "outage"
+    assert diagnosis.evidence.endswith(
+        "it opened on TimeoutError on /reports/{name} (pool main); 5 pool timeout(s): the "
+        "pool could not hand out connections in time: slow queries, a leak, or a database "
+        "that stopped answering"
+    )
+
+
+def test_a_storm_is_said_before_the_outage_it_causes() -> None:
+    samples = series(9, refused_total=lambda i: i, breaker="open", outage_refused_total=40)
+    assert diagnose(samples).kind == "storm"
+
+
+def test_the_outage_names_what_first_opened_the_breaker_not_a_failed_probe() -> None:
+    samples = series(
+        9,
+        breaker="open",
+        outage_refused_total=lambda i: 10 * i,
+        opened_by=lambda i: (
+            "ConnectionRefusedError on /items/{id}"
+            if i < 4
+            else "ConnectionRefusedError in the recovery probe"
+        ),
+    )
+    assert "it opened on ConnectionRefusedError on /items/{id};" in diagnose(samples).evidence

@@ -6,6 +6,7 @@ The guard samples once a second on its own; these tests call ``guard.sample()`` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -159,4 +160,101 @@ async def test_many_small_pools_against_a_low_max_connections_are_a_storm(
     assert "unavailable" in outcomes
     assert triage["kind"] == "storm"
     assert triage["numbers"]["refused"] >= 1
+    await guard.aclose()
+
+
+async def test_a_stopped_database_is_an_outage_named_by_its_route(
+    pg_cluster_factory: Callable[..., Any],
+    async_engine_factory: EngineFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = pg_cluster_factory(max_connections=10)
+    engine = async_engine_factory(server=server, pool_size=2, pool_timeout=1)
+    guard = make_guard(
+        concurrency=4,
+        breaker=gr.BreakerSettings(fail_max=2, reset_timeout=30),
+        retry=gr.RetrySettings(attempts=1),
+    )
+    guard.watch_pool(engine, name="main")
+    caplog.set_level(logging.WARNING, logger="guardrails.breaker")
+
+    async def item(request: Request) -> Response:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return PlainTextResponse("ok")
+
+    async with app_for(guard, [Route("/items/{item_id}", item)]) as client:
+        assert (await client.get("/items/1")).status_code == 200
+        guard.sample()
+        await anyio.to_thread.run_sync(server.stop)
+        try:
+            answers = []
+            for i in range(12):
+                answers.append(await client.get(f"/items/{i}"))
+                guard.sample()
+        finally:
+            await anyio.to_thread.run_sync(server.start)
+    # Two outages open the breaker; the ten requests after them are refused at once.
+    assert [r.json()["error"] for r in answers] == ["unavailable"] * 12
+    assert guard.telemetry.shed == {
+        ("outage", "/items/{item_id}"): 2,
+        ("breaker_open", "/items/{item_id}"): 10,
+    }
+    opened_by = guard.breaker.opened_by
+    assert opened_by is not None
+    assert (opened_by["route"], opened_by["pool"]) == ("/items/{item_id}", None)
+    error = opened_by["error"]
+    assert error == "ConnectionRefusedError"  # asyncpg's connect to a stopped server
+    (line,) = [r.getMessage() for r in caplog.records if "-> open" in r.getMessage()]
+    assert line.endswith(f"opened by {error} on /items/{{item_id}})")
+    triage = guard.snapshot()["triage"]
+    assert triage["kind"] == "outage"
+    assert triage["numbers"]["refused"] == 12
+    assert triage["numbers"]["pool_timeouts"] == 0
+    assert (
+        f"12 request(s) were refused with 503 because the database was down; it opened on "
+        f"{error} on /items/{{item_id}}; 0 pool timeout(s): the database is down"
+    ) in triage["evidence"]
+    health = guard.health.report()
+    assert health["checks"]["triage:kind"][0]["observedValue"] == "outage"
+    assert "pool trouble: outage" in health["output"]
+    assert guard.snapshot()["telemetry"]["outage_refused_total"] == 12
+    assert guard.snapshot()["breaker"]["refused_total"] == 10
+    await guard.aclose()
+
+
+async def test_a_full_bulkhead_on_a_real_pool_is_a_bulkhead_not_exhaustion(
+    async_engine_factory: EngineFactory,
+) -> None:
+    engine = async_engine_factory(pool_size=5, pool_timeout=2)
+    guard = make_guard(
+        concurrency=5,
+        queue_timeout=0.1,
+        policies={"/reports/{name}": gr.Policy(max_concurrency=1)},
+    )
+    guard.watch_pool(engine, name="main")
+
+    async def report(request: Request) -> Response:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT pg_sleep(0.4)"))
+        return PlainTextResponse("ok")
+
+    answers: list[int] = []
+
+    async def one() -> None:
+        answers.append((await client.get("/reports/monthly")).status_code)
+
+    client = app_for(guard, [Route("/reports/{name}", report)])
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(sample_for, guard, 1.0)
+        for _ in range(8):  # one runs, seven wait 100 ms for its one slot and are shed
+            tg.start_soon(one)
+    triage = guard.snapshot()["triage"]
+    assert sorted(answers) == [200] + [503] * 7
+    assert guard.telemetry.shed_by_bulkhead == {"/reports/{name}": 7}
+    assert triage["kind"] == "bulkhead"
+    assert triage["numbers"]["bulkhead_shed"] == 7
+    assert triage["numbers"]["busy_fraction"] == 0.0
+    assert "/reports/{name} shed 7 (its 1 slot(s) full in" in triage["evidence"]
+    assert "all 5 global slots busy in 0%: the pool is not exhausted" in triage["evidence"]
     await guard.aclose()

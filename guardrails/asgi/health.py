@@ -164,6 +164,7 @@ def build_report(snapshot: dict[str, Any], judged: tuple[str, list[str]]) -> dic
             breaker["failures"], "consecutive outages", "pass", now, threshold=breaker["fail_max"]
         ),
         "breaker:retry_after": _check(breaker["retry_after"], "s", breaker_status, now),
+        "breaker:refused": _check(breaker.get("refused_total", 0), "requests", "pass", now),
         "limiter:in_flight": _check(
             limiter["in_flight"],
             "requests",

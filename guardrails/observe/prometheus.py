@@ -90,6 +90,15 @@ class GuardrailsCollector(Collector):
         for (reason, route), count in sorted(telemetry.shed.items()):
             shed.add_metric([*base_values, reason, route], count)
         yield shed
+        bulkheads = CounterMetricFamily(
+            "guardrails_bulkhead_shed",
+            "Requests shed by a full bulkhead (a policy's max_concurrency) while the "
+            "global slots had room, by bulkhead (its first route template).",
+            labels=[*base, "bulkhead"],
+        )
+        for name, count in sorted(telemetry.shed_by_bulkhead.items()):
+            bulkheads.add_metric([*base_values, name], count)
+        yield bulkheads
 
         fallbacks = CounterMetricFamily(
             "guardrails_fallbacks",
@@ -117,6 +126,15 @@ class GuardrailsCollector(Collector):
         for name in _STATES:
             transitions.add_metric([*base_values, name], telemetry.breaker_transitions.get(name, 0))
         yield transitions
+        opens = CounterMetricFamily(
+            "guardrails_breaker_opened_by",
+            "Breaker openings, by the route template and pool of the outage that opened it "
+            "(empty when unknown: the recovery probe, a coordinator, work outside requests).",
+            labels=[*base, "route", "pool"],
+        )
+        for (route, pool), count in sorted(telemetry.breaker_opened_by.items()):
+            opens.add_metric([*base_values, route, pool], count)
+        yield opens
         yield self._gauge(
             "guardrails_breaker_failures", "Consecutive outages counted.", breaker["failures"]
         )

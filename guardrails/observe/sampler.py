@@ -13,7 +13,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from guardrails.breaker import Breaker, describe_outage
 from guardrails.limiter import ConcurrencyLimiter
+from guardrails.observe.sample import BulkheadSample
 from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import NONE as NO_TROUBLE
 from guardrails.observe.triage import (
@@ -43,8 +45,10 @@ class Sampler:
         retry_budget: RetryBudget,
         pools: Callable[[], Sequence[dict[str, Any]]],
         settings: EarlyWarning,
+        breaker: Breaker | None = None,
     ) -> None:
         self.limiter = limiter
+        self.breaker = breaker
         self.telemetry = telemetry
         self.retry_budget = retry_budget
         self.pools = pools
@@ -59,6 +63,10 @@ class Sampler:
         """Record the counters now and update the warnings and the triage."""
         limiter = self.limiter
         pools = self.pools()
+        telemetry = self.telemetry
+        breaker = self.breaker
+        opened_by = None if breaker is None else breaker.opened_by
+        bulkheads = limiter.snapshot()["bulkheads"] if telemetry.bulkhead_routes else {}
         sample = Sample(
             at=time.monotonic(),
             arrivals_total=limiter.admitted_total + limiter.shed_total,
@@ -71,8 +79,17 @@ class Sampler:
             pool_timeouts_total=sum(int(p.get("timeouts_total") or 0) for p in pools),
             connects_total=sum(int(p.get("connects_total") or 0) for p in pools),
             leak_suspects_total=sum(int(p.get("leak_suspects_total") or 0) for p in pools),
-            refused_total=self.telemetry.refused_total,
+            refused_total=telemetry.refused_total,
             retry_remaining=self.retry_budget.remaining(),
+            breaker="closed" if breaker is None else breaker.state.value,
+            outage_refused_total=telemetry.outage_refused_total,
+            opened_by=None if opened_by is None else describe_outage(opened_by),
+            bulkheads=tuple(
+                BulkheadSample(
+                    name, gate["limit"], gate["in_flight"], telemetry.shed_by_bulkhead.get(name, 0)
+                )
+                for name, gate in bulkheads.items()
+            ),
         )
         self.samples.append(sample)
         self._report_warnings()
@@ -97,16 +114,23 @@ class Sampler:
         )
 
     def _report_warnings(self) -> None:
-        warned = frozenset(warning.check for warning in self.warnings())
+        warnings = sorted(self.warnings(), key=lambda warning: warning.check)
+        warned = frozenset(warning.check for warning in warnings)
         if warned == self._warned:
             return
+        # Each warning in words, with what was measured and its threshold.
+        said = [f"{w.check}: {w.text}" for w in warnings]
+        cleared = sorted(self._warned - warned)
+        if cleared:
+            said.append(f"cleared: {', '.join(cleared)}")
         self.telemetry.event(
             "early_warning",
             transition=True,
             checks=sorted(warned),
             was=sorted(self._warned),
+            warnings=[warning.to_dict() for warning in warnings],
             level=logging.WARNING if warned - self._warned else logging.INFO,
-            message="early warning: " + (", ".join(sorted(warned)) or "all clear"),
+            message="early warning: " + "; ".join(said) + ("" if warnings else " (all clear)"),
         )
         self._warned = warned
 

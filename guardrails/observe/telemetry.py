@@ -16,11 +16,21 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrails.observe.stats import percentile
 
-__all__ = ["WAIT_BUCKETS", "Histogram", "LoggingSink", "Telemetry"]
+if TYPE_CHECKING:
+    from guardrails.limiter import ConcurrencyLimiter
+
+__all__ = [
+    "LIMITER_REASONS",
+    "OUTAGE_REASONS",
+    "WAIT_BUCKETS",
+    "Histogram",
+    "LoggingSink",
+    "Telemetry",
+]
 
 logger = logging.getLogger("guardrails")
 
@@ -29,6 +39,12 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 
 Sink = Callable[[str, dict[str, Any]], None]
 """Receives ``(event, fields)`` for each state change."""
+
+LIMITER_REASONS = frozenset({"queue_full", "queue_timeout", "deadline", "evicted"})
+"""Shed reasons of the concurrency limiter (a global slot or a bulkhead's)."""
+OUTAGE_REASONS = frozenset({"breaker_open", "outage"})
+"""Refusals because the database was down: the breaker refused the request before it
+ran, or its database call failed with an outage and it was answered 503."""
 
 
 class Histogram:
@@ -125,10 +141,22 @@ class LoggingSink:
 class Telemetry:
     """Counters, wait histograms and state-change events for one guard."""
 
-    def __init__(self) -> None:
+    def __init__(self, limiter: ConcurrencyLimiter | None = None) -> None:
         self.sinks: list[Sink] = [LoggingSink()]
+        self.limiter = limiter
+        """The guard's limiter: tells a bulkhead's sheds from the global slots' ones."""
         self.shed: dict[tuple[str, str], int] = {}
         """503s the guard answered itself, by (reason, route template)."""
+        self.outage_refused_total = 0
+        """503s because the database was down (reasons in :data:`OUTAGE_REASONS`)."""
+        self.bulkhead_routes: dict[str, str] = {}
+        """Route template -> the bulkhead (a policy's ``max_concurrency``) it waits in."""
+        self.shed_by_bulkhead: dict[str, int] = {}
+        """Sheds by a full bulkhead while the global slots had room, by bulkhead name:
+        the route's own ``max_concurrency`` refused them, not the pool's budget."""
+        self.breaker_opened_by: dict[tuple[str, str], int] = {}
+        """Breaker openings by (route, pool) of the outage that opened it (``""`` when
+        unknown: the probe, a coordinator, work outside a request)."""
         self.fallbacks: dict[tuple[str, str], int] = {}
         """Fallback answers by (kind, route template): ``stale``, ``rejected``."""
         self.breaker_transitions: dict[str, int] = {}
@@ -156,6 +184,31 @@ class Telemetry:
         """Count a 503 answered by the guard."""
         key = (reason, route)
         self.shed[key] = self.shed.get(key, 0) + 1
+        if reason in OUTAGE_REASONS:
+            self.outage_refused_total += 1
+        elif self.bulkhead_routes and reason in LIMITER_REASONS:
+            bulkhead = self.bulkhead_routes.get(route)
+            if bulkhead is not None and self._bulkhead_was_full(bulkhead):
+                self.shed_by_bulkhead[bulkhead] = self.shed_by_bulkhead.get(bulkhead, 0) + 1
+
+    def route_in_bulkhead(self, route: str, bulkhead: str) -> None:
+        """Note that requests to ``route`` wait in ``bulkhead`` (the guard tells it)."""
+        self.bulkhead_routes[route] = bulkhead
+
+    def _bulkhead_was_full(self, bulkhead: str) -> bool:
+        # Counted right after the limiter shed, with no await in between: the gates
+        # are as they were when it decided. A full bulkhead beside global slots with
+        # room shed it; with both full it counts as the global slots' (exhaustion).
+        limiter = self.limiter
+        if limiter is None:
+            return False
+        snapshot = limiter.snapshot()
+        gate = snapshot["bulkheads"].get(bulkhead)
+        if gate is None:
+            return False
+        return bool(
+            gate["in_flight"] >= gate["limit"] and snapshot["in_flight"] < snapshot["limit"]
+        )
 
     def count_fallback(self, kind: str, route: str) -> None:
         """Count a fallback answer (a stale replay or a rejection)."""
@@ -168,14 +221,21 @@ class Telemetry:
         self.queue_wait.observe(seconds)
 
     def breaker_changed(self, old: str | None, new: str, snapshot: dict[str, Any]) -> None:
-        """Count a breaker transition (the breaker logs it itself)."""
+        """Count a breaker transition (the breaker logs it itself) and, for an opening,
+        the route and pool of the outage that opened it."""
         self.breaker_transitions[new] = self.breaker_transitions.get(new, 0) + 1
+        opened_by = snapshot.get("opened_by") if new == "open" else None
+        if new == "open":
+            cause = opened_by or {}
+            key = (cause.get("route") or "", cause.get("pool") or "")
+            self.breaker_opened_by[key] = self.breaker_opened_by.get(key, 0) + 1
         self.event(
             "breaker_state",
             transition=True,
             old=old,
             new=new,
             retry_after=snapshot.get("retry_after"),
+            opened_by=opened_by,
             logged=True,
         )
 
@@ -191,5 +251,11 @@ class Telemetry:
                 for (kind, route), count in sorted(self.fallbacks.items())
             ],
             "breaker_transitions": dict(self.breaker_transitions),
+            "breaker_opened_by": [
+                {"route": route or None, "pool": pool or None, "count": count}
+                for (route, pool), count in sorted(self.breaker_opened_by.items())
+            ],
+            "outage_refused_total": self.outage_refused_total,
+            "shed_by_bulkhead": dict(self.shed_by_bulkhead),
             "queue_wait": {"count": self.queue_wait.count, "sum": self.queue_wait.sum},
         }

@@ -17,28 +17,35 @@ samples this module says, in words and numbers:
   ``storm``       the database itself refuses connections (``too many clients``,
                   SQLSTATE 53300) or connections are opened far faster than the pool
                   could need: many pools multiplied by instances;
+  ``outage``      the circuit breaker opened: the database failed (connections
+                  refused or dropped, pool timeouts) and requests were answered 503
+                  at once; it ends when the database answers again;
+  ``bulkhead``    only routes with their own ``max_concurrency`` shed: their sub-limit
+                  was full while the global slots had room; the pool is fine;
   ``none``        nothing of the above.
 
 Everything here is a pure function of the samples, so it is tested on recorded
 series as well as on live ones.
 """
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guardrails.observe.stats import rank
+from guardrails.observe.early_warning import EarlyWarning, Warning_, early_warnings, queue_wait_p95
+from guardrails.observe.sample import BulkheadSample, Sample, last_seconds, rate_of
 
 __all__ = [
+    "NONE",
+    "BulkheadSample",
     "Diagnosis",
     "EarlyWarning",
     "Sample",
     "Warning_",
     "diagnose",
     "early_warnings",
+    "queue_wait_p95",
     "refused_as_too_many",
 ]
 
@@ -72,82 +79,12 @@ def refused_as_too_many(exc: BaseException) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Sample:
-    """The guard's counters at one moment (cumulative ``*_total`` counters only grow)."""
-
-    at: float
-    """Monotonic seconds."""
-    arrivals_total: int
-    """Requests that asked for a slot (admitted or shed)."""
-    admitted_total: int
-    in_flight: int
-    limit: int
-    queued: int
-    checked_out: int | None
-    """Connections checked out of the watched pools, or None without a watcher."""
-    pool_size: int | None
-    pool_timeouts_total: int
-    connects_total: int
-    """New database connections opened by the watched pools."""
-    leak_suspects_total: int
-    refused_total: int
-    """Connections the database refused as too many (SQLSTATE 53300 and kin)."""
-    retry_remaining: int
-
-
-@dataclass(frozen=True, slots=True)
-class EarlyWarning:
-    """Thresholds of the early warnings (``Guardrails(early_warning=...)``).
-
-    ``queue_wait_p95`` defaults to half the limiter's ``queue_timeout``;
-    ``acquire_wait_p95`` to 100 ms; ``utilization`` to 0.8 held for ``sustained``
-    seconds (30). Each is checked over the last ``window`` seconds (30); the triage
-    looks at the last ``triage_window`` seconds (60).
-    """
-
-    queue_wait_p95: float | None = None
-    acquire_wait_p95: float = 0.1
-    utilization: float = 0.8
-    sustained: float = 30.0
-    window: float = 30.0
-    triage_window: float = 60.0
-    """Seconds of samples the triage looks at."""
-
-    def __post_init__(self) -> None:
-        for name in ("acquire_wait_p95", "sustained", "window", "triage_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-        if self.queue_wait_p95 is not None and not self.queue_wait_p95 > 0:
-            raise ValueError(f"queue_wait_p95 must be > 0 seconds, not {self.queue_wait_p95!r}")
-        if not 0 < self.utilization <= 1:
-            raise ValueError(f"utilization must be above 0 and at most 1, not {self.utilization!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Warning_:
-    """One early warning: what, how much, against which threshold."""
-
-    check: str
-    observed: float
-    threshold: float
-    text: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "observed": self.observed,
-            "threshold": self.threshold,
-            "text": self.text,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class Diagnosis:
     """The triage verdict with its evidence."""
 
     kind: str
-    """``"exhaustion"``, ``"leak"``, ``"storm"`` or ``"none"``."""
+    """``"exhaustion"``, ``"leak"``, ``"storm"``, ``"outage"``, ``"bulkhead"`` or
+    ``"none"``."""
     evidence: str
     numbers: dict[str, float]
 
@@ -158,168 +95,185 @@ class Diagnosis:
 NONE = Diagnosis("none", "no sign of pool trouble", {})
 
 
-def _window(samples: Sequence[Sample], seconds: float) -> list[Sample]:
-    if not samples:
-        return []
-    cutoff = samples[-1].at - seconds
-    return [s for s in samples if s.at >= cutoff]
-
-
-def _rate(first: Sample, last: Sample, field: str) -> float:
-    elapsed = last.at - first.at
-    if elapsed <= 0:
-        return 0.0
-    return float(getattr(last, field) - getattr(first, field)) / elapsed
-
-
-def queue_wait_p95(window: Sequence[Sample], recent_waits: Sequence[float]) -> float | None:
-    """p95 of the queue wait over every request admitted in ``window``.
-
-    Requests admitted at once waited 0 s and are not in ``recent_waits`` (the waits
-    of those that queued, in the same window); they are counted here as zeros.
-    """
-    if len(window) < 2:
-        return None
-    admitted = window[-1].admitted_total - window[0].admitted_total
-    if admitted <= 0:
-        return None
-    waits = sorted(recent_waits)
-    zeros = max(0, admitted - len(waits))
-    # Nearest rank over the zeros and the waits together, without a list of the zeros.
-    at = rank(zeros + len(waits), 0.95)
-    if at <= zeros:
-        return 0.0
-    return waits[min(len(waits) - 1, at - zeros - 1)]
-
-
-def early_warnings(
-    samples: Sequence[Sample],
-    settings: EarlyWarning,
-    *,
-    queue_timeout: float,
-    recent_queue_waits: Sequence[float],
-    acquire_p95: float | None,
-) -> list[Warning_]:
-    """The early warnings that hold now."""
-    found: list[Warning_] = []
-    window = _window(samples, settings.window)
-    limit_wait = settings.queue_wait_p95 or queue_timeout / 2
-    p95 = queue_wait_p95(window, recent_queue_waits)
-    if p95 is not None and limit_wait > 0 and p95 > limit_wait:
-        found.append(
-            Warning_(
-                "queue_wait_p95",
-                round(p95, 4),
-                limit_wait,
-                f"requests wait {p95 * 1000:.0f} ms for a slot at p95 "
-                f"(warning above {limit_wait * 1000:.0f} ms)",
-            )
-        )
-    if acquire_p95 is not None and acquire_p95 > settings.acquire_wait_p95:
-        found.append(
-            Warning_(
-                "acquire_wait_p95",
-                round(acquire_p95, 4),
-                settings.acquire_wait_p95,
-                f"pool acquire p95 is {acquire_p95 * 1000:.0f} ms "
-                f"(warning above {settings.acquire_wait_p95 * 1000:.0f} ms)",
-            )
-        )
-    held = _window(samples, settings.sustained)
-    # Only once the samples reach back a whole window can it have been sustained.
-    if held and samples[-1].at - samples[0].at >= settings.sustained * 0.9:
-        lowest = min(s.in_flight / s.limit for s in held if s.limit)
-        if lowest >= settings.utilization:
-            found.append(
-                Warning_(
-                    "utilization",
-                    round(lowest, 3),
-                    settings.utilization,
-                    f"at least {lowest:.0%} of the slots busy for the last "
-                    f"{settings.sustained:.0f} s (warning at {settings.utilization:.0%})",
-                )
-            )
-    if samples and samples[-1].retry_remaining == 0:
-        found.append(
-            Warning_("retry_budget", 0, 0, "the retry budget is spent: reads are not retried")
-        )
-    return found
-
-
 def diagnose(samples: Sequence[Sample], window: float = 60.0) -> Diagnosis:
     """Classify the trouble shown by the samples of the last ``window`` seconds."""
-    recent = _window(samples, window)
-    if len(recent) < 3:
+    recent = last_seconds(samples, window)
+    if len(recent) < 3 or recent[-1].at - recent[0].at <= 0:
         return NONE
+    return (
+        _storm(recent)
+        or _leak(recent)
+        or _outage(recent)
+        or _exhaustion(recent)
+        or _bulkhead(recent)
+        or NONE
+    )
+
+
+def _storm(recent: list[Sample]) -> Diagnosis | None:
     first, last = recent[0], recent[-1]
     span = last.at - first.at
-    if span <= 0:
-        return NONE
     refused = last.refused_total - first.refused_total
     connects = last.connects_total - first.connects_total
     size = last.pool_size or last.limit
-    if refused > 0 or (size and connects >= 4 * size and connects / span >= 1):
-        return Diagnosis(
-            "storm",
-            f"the database refused {refused} connection(s) as too many and "
-            f"{connects} new connections were opened in {span:.0f} s "
-            f"(the pool holds {size}): connections multiply across processes or "
-            "instances; cap instances, shrink per-instance pools, or put a pooler in front",
-            {
-                "refused": refused,
-                "connects": connects,
-                "connects_per_second": round(connects / span, 2),
-                "pool_size": size,
-            },
-        )
+    if not (refused > 0 or (size and connects >= 4 * size and connects / span >= 1)):
+        return None
+    return Diagnosis(
+        "storm",
+        f"the database refused {refused} connection(s) as too many and "
+        f"{connects} new connections were opened in {round(span, 1):g} s "
+        f"(the pool holds {size}): connections multiply across processes or "
+        "instances; cap instances, shrink per-instance pools, or put a pooler in front",
+        {
+            "refused": refused,
+            "connects": connects,
+            "connects_per_second": round(connects / span, 2),
+            "pool_size": size,
+        },
+    )
+
+
+def _leak(recent: list[Sample]) -> Diagnosis | None:
+    first, last = recent[0], recent[-1]
+    if last.checked_out is None or first.checked_out is None:
+        return None
+    span = last.at - first.at
+    size = last.pool_size or last.limit
     suspects = last.leak_suspects_total - first.leak_suspects_total
-    if last.checked_out is not None and first.checked_out is not None:
-        unheld = last.checked_out - last.in_flight
-        grew = last.checked_out - first.checked_out
-        half = recent[len(recent) // 2]
-        early_rate = _rate(first, half, "arrivals_total")
-        late_rate = _rate(half, last, "arrivals_total")
-        steady = late_rate <= early_rate * 1.2 + 1
-        never_fell = all(
-            b.checked_out is not None
-            and a.checked_out is not None
-            and b.checked_out >= a.checked_out
-            for a, b in itertools.pairwise(recent)
-        )
-        if suspects > 0 or (unheld >= max(1, size // 5) and grew >= 2 and never_fell and steady):
-            return Diagnosis(
-                "leak",
-                f"{last.checked_out} connection(s) checked out while only "
-                f"{last.in_flight} request(s) are in flight; checked-out went from "
-                f"{first.checked_out} to {last.checked_out} in {span:.0f} s while traffic "
-                f"stayed at {late_rate:.1f} req/s; {suspects} leak suspect(s) reported: "
-                "a code path keeps connections (see the leak suspects' stacks)",
-                {
-                    "checked_out": last.checked_out,
-                    "in_flight": last.in_flight,
-                    "checked_out_growth": grew,
-                    "arrivals_per_second": round(late_rate, 2),
-                    "leak_suspects": suspects,
-                },
-            )
+    unheld = last.checked_out - last.in_flight
+    grew = last.checked_out - first.checked_out
+    half = recent[len(recent) // 2]
+    early_rate = rate_of(first, half, "arrivals_total")
+    late_rate = rate_of(half, last, "arrivals_total")
+    steady = late_rate <= early_rate * 1.2 + 1
+    never_fell = all(
+        b.checked_out is not None and a.checked_out is not None and b.checked_out >= a.checked_out
+        for a, b in itertools.pairwise(recent)
+    )
+    if not (suspects > 0 or (unheld >= max(1, size // 5) and grew >= 2 and never_fell and steady)):
+        return None
+    return Diagnosis(
+        "leak",
+        f"{last.checked_out} connection(s) checked out while only "
+        f"{last.in_flight} request(s) are in flight; checked-out went from "
+        f"{first.checked_out} to {last.checked_out} in {round(span, 1):g} s while traffic "
+        f"stayed at {late_rate:.1f} req/s; {suspects} leak suspect(s) reported: "
+        "a code path keeps connections (see the leak suspects' stacks)",
+        {
+            "checked_out": last.checked_out,
+            "in_flight": last.in_flight,
+            "checked_out_growth": grew,
+            "arrivals_per_second": round(late_rate, 2),
+            "leak_suspects": suspects,
+        },
+    )
+
+
+def _outage(recent: list[Sample]) -> Diagnosis | None:
+    first, last = recent[0], recent[-1]
+    span = last.at - first.at
+    refused = last.outage_refused_total - first.outage_refused_total
+    not_closed = sum(1 for s in recent if s.breaker != "closed") / len(recent)
+    if refused <= 0 and not not_closed:
+        return None
     timeouts = last.pool_timeouts_total - first.pool_timeouts_total
+    # The first opening in the window: later ones are mostly failed recovery probes.
+    opened_by = next((s.opened_by for s in recent if s.opened_by), None)
+    cause = f"; it opened on {opened_by}" if opened_by else ""
+    if timeouts > 0:
+        advice = (
+            "the pool could not hand out connections in time: slow queries, a leak, or a "
+            "database that stopped answering"
+        )
+    else:
+        advice = (
+            "the database is down, restarting or unreachable (connections refused or "
+            "dropped), not short of connections: look at the database; meanwhile requests "
+            "are answered at once, and the breaker closes when it answers again"
+        )
+    return Diagnosis(
+        "outage",
+        f"the circuit breaker was open or half-open in {not_closed:.0%} of the last "
+        f"{round(span, 1):g} s (now {last.breaker.replace('_', '-')}) and {refused} request(s) "
+        f"were refused with 503 because the database was down{cause}; "
+        f"{timeouts} pool timeout(s): {advice}",
+        {
+            "refused": refused,
+            "open_fraction": round(not_closed, 3),
+            "pool_timeouts": timeouts,
+        },
+    )
+
+
+def _bulkhead_sheds(first: Sample, last: Sample) -> dict[str, int]:
+    before = {b.name: b.shed_total for b in first.bulkheads}
+    sheds = {b.name: b.shed_total - before.get(b.name, 0) for b in last.bulkheads}
+    return {name: count for name, count in sheds.items() if count > 0}
+
+
+def _busy(recent: list[Sample]) -> float:
+    return sum(1 for s in recent if s.limit and s.in_flight >= s.limit) / len(recent)
+
+
+def _exhaustion(recent: list[Sample]) -> Diagnosis | None:
+    first, last = recent[0], recent[-1]
+    span = last.at - first.at
+    timeouts = last.pool_timeouts_total - first.pool_timeouts_total
+    by_bulkheads = sum(_bulkhead_sheds(first, last).values())
     shed = (last.arrivals_total - last.admitted_total) - (
         first.arrivals_total - first.admitted_total
     )
-    busy = sum(1 for s in recent if s.limit and s.in_flight >= s.limit) / len(recent)
-    if timeouts > 0 or shed > 0 or busy >= 0.5:
-        rate = _rate(first, last, "arrivals_total")
-        return Diagnosis(
-            "exhaustion",
-            f"all {last.limit} slots busy in {busy:.0%} of the last {span:.0f} s, "
-            f"{shed} request(s) shed, {timeouts} pool timeout(s), at {rate:.1f} req/s: "
-            "demand or slow queries exceed the pool; it should recover as traffic falls "
-            "(speed up the slow queries, or raise the budget if the database has room)",
-            {
-                "busy_fraction": round(busy, 3),
-                "shed": shed,
-                "pool_timeouts": timeouts,
-                "arrivals_per_second": round(rate, 2),
-            },
+    shed -= by_bulkheads  # the routes' own max_concurrency, not the global slots
+    busy = _busy(recent)
+    if not (timeouts > 0 or shed > 0 or busy >= 0.5):
+        return None
+    rate = rate_of(first, last, "arrivals_total")
+    also = f" (and {by_bulkheads} by routes' own max_concurrency)" if by_bulkheads else ""
+    return Diagnosis(
+        "exhaustion",
+        f"all {last.limit} slots busy in {busy:.0%} of the last {round(span, 1):g} s, "
+        f"{shed} request(s) shed{also}, {timeouts} pool timeout(s), at {rate:.1f} req/s: "
+        "demand or slow queries exceed the pool; it should recover as traffic falls "
+        "(speed up the slow queries, or raise the budget if the database has room)",
+        {
+            "busy_fraction": round(busy, 3),
+            "shed": shed,
+            "bulkhead_shed": by_bulkheads,
+            "pool_timeouts": timeouts,
+            "arrivals_per_second": round(rate, 2),
+        },
+    )
+
+
+def _bulkhead(recent: list[Sample]) -> Diagnosis | None:
+    first, last = recent[0], recent[-1]
+    span = last.at - first.at
+    sheds = _bulkhead_sheds(first, last)
+    if not sheds:
+        return None
+    parts = []
+    fullest = 0.0
+    for gate in last.bulkheads:
+        if gate.name not in sheds:
+            continue
+        full = sum(
+            1 for s in recent for b in s.bulkheads if b.name == gate.name and b.in_flight >= b.limit
+        ) / len(recent)
+        fullest = max(fullest, full)
+        parts.append(
+            f"{gate.name} shed {sheds[gate.name]} (its {gate.limit} slot(s) full in {full:.0%})"
         )
-    return NONE
+    total = sum(sheds.values())
+    return Diagnosis(
+        "bulkhead",
+        f"{total} request(s) shed by routes' own max_concurrency in the last {round(span, 1):g} s: "
+        f"{'; '.join(parts)}; all {last.limit} global slots busy in {_busy(recent):.0%}: "
+        "the pool is not exhausted, the sub-limit holds these routes back on purpose; "
+        "if they need more, raise max_concurrency (it serves at most max_concurrency / "
+        "hold time requests per second)",
+        {
+            "bulkhead_shed": total,
+            "bulkhead_full_fraction": round(fullest, 3),
+            "busy_fraction": round(_busy(recent), 3),
+        },
+    )

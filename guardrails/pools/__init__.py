@@ -11,6 +11,8 @@ pool's next checkout or checkin and on every :meth:`PoolWatcher.snapshot` (the g
 takes one each second), so a quiet pool costs nothing and sync pools in threads need no
 event loop. Connections still out when their request's response is finished are
 reported by :func:`request_finished`, which the middleware calls.
+
+:func:`ping` makes a recovery probe for the breaker from the same engines and pools.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from guardrails.pools._core import (
     checked_threshold,
     request_finished,
 )
+from guardrails.pools.probe import Ping, ping
 
 __all__ = [
     "NO_REQUEST",
     "SUPPORTED",
     "LeakSuspect",
+    "Ping",
     "PoolSink",
     "PoolWatcher",
     "checked_threshold",
+    "ping",
     "request_finished",
     "watch",
 ]
