@@ -81,8 +81,9 @@ def guardrails_outage() -> Iterator[StartOutage]:
         fault = DatabaseFault(
             target, refuse=refuse, delay=delay, open_breaker=open_breaker, pools=pools, seed=seed
         )
-        if isinstance(target, Guardrails) and target.breaker.state is CLOSED:
-            closed.append(target.breaker)
+        guard = target if isinstance(target, Guardrails) else target.sink
+        if isinstance(guard, Guardrails) and guard.breaker.state is CLOSED:
+            closed.append(guard.breaker)  # a watcher's sink is the guard that watches it
         started.append(fault.start())
         return fault
 
