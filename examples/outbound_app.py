@@ -43,11 +43,14 @@ registry = CollectorRegistry()
 registry.register(GuardrailsCollector(guard))
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # One client per service for the life of the app: its breakers and bulkheads are
-    # per origin and must outlive any one request.
-    weather = gr.GuardedTransport(
+def weather_transport(inner: httpx.AsyncBaseTransport | None = None) -> gr.GuardedTransport:
+    """The weather service's policy: three tries, a breaker after five failures in a row.
+
+    ``inner`` makes the connections (httpx's own by default; tests pass a
+    ``guardrails.testing.FaultTransport``).
+    """
+    return gr.GuardedTransport(
+        inner,
         guard=guard,
         name="weather",
         breaker=gr.BreakerSettings(fail_max=5, reset_timeout=10),
@@ -55,16 +58,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_concurrency=20,
         deadline_header="x-deadline-ms",
     )
-    partner = gr.GuardedTransport(
+
+
+def partner_transport(inner: httpx.AsyncBaseTransport | None = None) -> gr.GuardedTransport:
+    """The partner's policy: one try, and refused at once after two failures."""
+    return gr.GuardedTransport(
+        inner,
         guard=guard,
         name="partner",
         breaker=gr.BreakerSettings(fail_max=2, reset_timeout=30),
         retry=gr.RetrySettings(attempts=1),
     )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # One client per service for the life of the app: its breakers and bulkheads are
+    # per origin and must outlive any one request.
     async with (
         guard,  # the guard's background work runs for the app's life
-        httpx.AsyncClient(transport=weather, base_url=UPSTREAM_URL, timeout=5) as weather_client,
-        httpx.AsyncClient(transport=partner, base_url=PARTNER_URL, timeout=1) as partner_client,
+        httpx.AsyncClient(
+            transport=weather_transport(), base_url=UPSTREAM_URL, timeout=5
+        ) as weather_client,
+        httpx.AsyncClient(
+            transport=partner_transport(), base_url=PARTNER_URL, timeout=1
+        ) as partner_client,
     ):
         app.state.weather = weather_client
         app.state.partner = partner_client

@@ -236,6 +236,21 @@ class Breaker:
     # -- admission ---------------------------------------------------------------------
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The monotonic clock the open period is measured on (``time.monotonic``).
+
+        A test may set another, e.g. :class:`guardrails.testing.ManualClock`, to read
+        and advance the breaker's time; it should continue from the current reading.
+        """
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
+        self._clock = clock
+
+    @property
     def failures(self) -> int:
         """Consecutive outages counted so far (reset by any success)."""
         return int(self._cb.fail_counter)

@@ -173,6 +173,9 @@ _CONNECTING: dict[str, frozenset[str] | None] = {
 # asyncpg raises a plain InterfaceError when a closed connection is used; its raise site
 # says it was closed (by the server, or when the connection was lost).
 _CLOSED_CHECK = ("asyncpg.connection", "_check_open")
+# A watched pool's acquire refused by a fault a test injected (guardrails.testing): the
+# pool watcher's hook stands in for the pool there, and raises only from this function.
+_INJECTED_REFUSAL = ("guardrails.pools.fault", "refuse")
 
 
 def _within(module: str, packages: Iterable[str]) -> str | None:
@@ -280,7 +283,9 @@ def _builtin_kind(exc: BaseException) -> ErrorKind | None:
         return None
     # The app's own sockets, wait_for/fail_after and query timeouts raise these as well;
     # only who raised them tells a database connection that failed apart.
-    if isinstance(exc, OSError | asyncio.TimeoutError) and _raised_by_driver(exc):
+    if isinstance(exc, OSError | asyncio.TimeoutError) and (
+        _raised_by_driver(exc) or _raise_site(exc) == _INJECTED_REFUSAL
+    ):
         return ErrorKind.OUTAGE
     if "asyncpg.exceptions._base.InterfaceError" in names and _raise_site(exc) == _CLOSED_CHECK:
         return ErrorKind.OUTAGE
@@ -299,7 +304,8 @@ def classify(exc: BaseException, classifiers: Iterable[Classifier] = ()) -> Erro
       ``OperationalError`` without a SQLSTATE (the connection failed); a builtin
       ``OSError`` (connection refused or reset, ...) raised by a driver's or pool's own
       code. A ``TimeoutError`` counts only when raised getting a connection (asyncpg's
-      connect or ``Pool.acquire``): the app's ``wait_for``/``fail_after`` and query
+      connect or ``Pool.acquire``, or a watched pool's acquire refused by a fault from
+      :mod:`guardrails.testing`): the app's ``wait_for``/``fail_after`` and query
       timeouts are the app's, as are the app's own sockets and a client that hung up;
     - transient: SQLSTATE 40001, 40P01 and 55P03; SQLite's busy or locked database;
     - everything else is the app's. Cancellation is never an outage.

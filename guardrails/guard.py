@@ -353,6 +353,12 @@ class Guardrails:
         return watcher
 
     @property
+    def watchers(self) -> tuple[Any, ...]:
+        """The :class:`~guardrails.pools.PoolWatcher` of each pool given to
+        :meth:`watch_pool`, oldest first (closed ones included)."""
+        return tuple(self._watchers)
+
+    @property
     def watching(self) -> bool:
         """Whether any pool is watched (then a request proves the database answered only
         when a watched pool handed it a connection)."""

@@ -35,9 +35,32 @@ from tenacity.stop import stop_base
 
 from guardrails.errors import ErrorKind, GuardrailsError
 
-__all__ = ["RetryBudget", "RetrySettings", "retrying"]
+__all__ = ["RetryBudget", "RetrySettings", "backoff", "retrying", "set_backoff"]
 
 T = TypeVar("T")
+
+Sleep = Callable[[float], Awaitable[object]]
+"""An async function that waits a number of seconds, like ``anyio.sleep``."""
+
+_sleep: Sleep = anyio.sleep
+
+
+async def backoff(seconds: float) -> None:
+    """Wait ``seconds`` before a retry: how ``guard.read`` and ``GuardedTransport`` sleep."""
+    await _sleep(seconds)
+
+
+def set_backoff(sleep: Sleep | None) -> Sleep:
+    """Make every retry wait with ``sleep`` (``None``: ``anyio.sleep`` again).
+
+    Returns the function used until now, to restore it. For tests:
+    :func:`guardrails.testing.instant_retries` is the friendly way to use it.
+    """
+    global _sleep
+    if sleep is not None and not callable(sleep):
+        raise TypeError(f"sleep must be an async function of seconds or None, not {sleep!r}")
+    previous, _sleep = _sleep, sleep if sleep is not None else anyio.sleep
+    return previous
 
 
 def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -207,7 +230,7 @@ def retrying(
         wait=wait_random_exponential(multiplier=settings.base_delay, max=settings.max_delay),
         retry=retry_if_exception(should_retry),
         before_sleep=before_sleep,
-        sleep=anyio.sleep,
+        sleep=backoff,
         reraise=True,
     )
 

@@ -28,8 +28,9 @@ from pgcluster import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-# pytester: test_harness.py runs child sessions to check the skip/fail rules.
-pytest_plugins = ["pytester"]
+# pytester: test_harness.py runs child sessions to check the skip/fail rules. The
+# guardrails fixtures (guardrails_outage, ...) are opt-in, as for any project.
+pytest_plugins = ["pytester", "guardrails.testing.pytest_plugin"]
 
 # Any test using one of these (directly or through another fixture) gets the ``postgres``
 # marker, so ``-m "not postgres"`` runs the suite without a server.

@@ -23,6 +23,8 @@ import httpx
 import pytest
 
 import guardrails as gr
+import guardrails.prometheus
+import guardrails.testing
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REQUIRED = "required"
@@ -40,6 +42,10 @@ DOCUMENTED: dict[str, Callable[..., Any]] = {
     "EarlyWarning": gr.EarlyWarning,
     "ConcurrencyLimiter": gr.ConcurrencyLimiter,
     "GuardedTransport": gr.GuardedTransport,
+    "DatabaseFault": guardrails.testing.DatabaseFault,
+    "FaultTransport": guardrails.testing.FaultTransport,
+    "ChaosRule": guardrails.testing.ChaosRule,
+    "ChaosMiddleware": guardrails.testing.ChaosMiddleware,
 }
 
 _NO_DEFAULT = object()
@@ -153,15 +159,13 @@ def test_reference_reader_sees_a_wrong_default() -> None:
 
 
 def test_api_reference_renders_every_public_name() -> None:
-    import guardrails.prometheus
-
     page = (DOCS / "reference" / "api.md").read_text()
     rendered = re.findall(r"^::: guardrails\.([\w.]+)$", page, re.MULTILINE)
     assert len(rendered) == len(set(rendered)), "a name is rendered twice"
     assert {name for name in rendered if "." not in name} == set(gr.__all__)
     assert {name for name in rendered if "." in name} == {
         f"prometheus.{name}" for name in guardrails.prometheus.__all__
-    }
+    } | {f"testing.{name}" for name in guardrails.testing.__all__}
 
 
 def python_blocks(page: Path) -> list[tuple[int, str]]:

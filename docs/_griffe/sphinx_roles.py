@@ -16,14 +16,17 @@ import griffe
 
 import guardrails
 import guardrails.prometheus
+import guardrails.testing
 
 _ROLE = re.compile(r":(?:attr|class|data|exc|func|meth|mod|obj):`(~?)([^`<>]+)`")
 _LITERAL_BLOCK = re.compile(r"(?<=\S)::$", re.MULTILINE)
 
 # Public name -> the identifier it is rendered under on the reference page.
-_RENDERED = {name: f"guardrails.{name}" for name in guardrails.__all__} | {
-    name: f"guardrails.prometheus.{name}" for name in guardrails.prometheus.__all__
-}
+_RENDERED = (
+    {name: f"guardrails.{name}" for name in guardrails.__all__}
+    | {name: f"guardrails.prometheus.{name}" for name in guardrails.prometheus.__all__}
+    | {name: f"guardrails.testing.{name}" for name in guardrails.testing.__all__}
+)
 
 
 def _markdown(match: re.Match[str]) -> str:

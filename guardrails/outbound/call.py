@@ -37,6 +37,7 @@ from guardrails.outbound.outcome import (
     timeout_phase,
 )
 from guardrails.outbound.settings import OutboundSettings
+from guardrails.retry import backoff
 
 __all__ = ["Call"]
 
@@ -217,7 +218,7 @@ class Call:
             retry=self._should_retry,
             before_sleep=self._before_sleep,
             retry_error_callback=_last_outcome,
-            sleep=anyio.sleep,
+            sleep=backoff,
         )
 
     def _worth_retrying(self, outcome: httpx.Response | BaseException) -> bool:

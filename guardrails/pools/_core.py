@@ -13,13 +13,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from guardrails import context
 from guardrails.context import NO_REQUEST
 from guardrails.observe.stats import percentile
 from guardrails.observe.telemetry import Histogram
 from guardrails.pools.stacks import Frames, capture_stack, format_stack
+
+if TYPE_CHECKING:
+    from guardrails.pools.fault import AcquireFault
 
 __all__ = [
     "NO_REQUEST",
@@ -179,6 +182,9 @@ class PoolWatcher:
         self._suspects: deque[LeakSuspect] = deque(maxlen=_SUSPECTS_KEPT)
         self.counters: dict[str, int] = {}
         """Driver-specific event counters (connects, closes, invalidations...)."""
+        self.fault: AcquireFault | None = None
+        """What a test makes each acquire do (:mod:`guardrails.testing` sets it); adapters
+        consult it inside :meth:`acquiring`. None: nothing, at the cost of one read."""
 
     def attach(self, adapter: Adapter) -> None:
         """Read pool statistics from ``adapter`` and detach it on :meth:`close`; adapters

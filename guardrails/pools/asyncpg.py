@@ -20,24 +20,32 @@ back. No private attribute of asyncpg is read or written.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Generator
+from collections.abc import Generator
 from types import TracebackType
 from typing import Any
 
 import asyncpg
 
 from guardrails.pools._core import PoolSink, PoolWatcher, checked_name
+from guardrails.pools.fault import inject_async
 
 __all__ = ["watch_asyncpg"]
 
 _MARK = "_guardrails_watcher"
 
 
-async def _timed(watcher: PoolWatcher, acquire: Awaitable[Any]) -> Any:
+async def _timed(watcher: PoolWatcher, inner: Any, enter: bool) -> Any:
     with watcher.acquiring(asyncio.TimeoutError):  # the builtin one from Python 3.11 on
-        connection = await acquire
+        fault = watcher.fault
+        if fault is not None:
+            await inject_async(watcher, fault, _refused)
+        connection = await (inner.__aenter__() if enter else inner)
     watcher.checked_out(id(connection))
     return connection
+
+
+def _refused() -> BaseException:
+    return asyncio.TimeoutError("refused by a fault injected for testing")
 
 
 class _WatchedAcquire:
@@ -50,10 +58,10 @@ class _WatchedAcquire:
         self._watcher = watcher
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return _timed(self._watcher, self._inner).__await__()
+        return _timed(self._watcher, self._inner, False).__await__()
 
     async def __aenter__(self) -> Any:
-        return await _timed(self._watcher, self._inner.__aenter__())
+        return await _timed(self._watcher, self._inner, True)
 
     async def __aexit__(
         self,

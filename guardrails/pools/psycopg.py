@@ -22,6 +22,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout, TooManyRequests
 
 from guardrails.pools._core import PoolSink, PoolWatcher, checked_name
+from guardrails.pools.fault import inject, inject_async
 
 __all__ = ["watch_psycopg"]
 
@@ -59,12 +60,19 @@ class _PoolAdapter:
         }
 
 
+def _refused() -> BaseException:
+    return PoolTimeout("couldn't get a connection (refused by a fault injected for testing)")
+
+
 def _sync_wrappers(pool: ConnectionPool[Any], watcher: PoolWatcher) -> tuple[Any, Any]:
     original_get, original_put = pool.getconn, pool.putconn
 
     @functools.wraps(original_get)
     def getconn(timeout: float | None = None) -> Any:
         with watcher.acquiring(Refused):
+            fault = watcher.fault
+            if fault is not None:
+                inject(watcher, fault, _refused)
             connection = original_get(timeout)
         watcher.checked_out(id(connection))
         return connection
@@ -83,6 +91,9 @@ def _async_wrappers(pool: AsyncConnectionPool[Any], watcher: PoolWatcher) -> tup
     @functools.wraps(original_get)
     async def getconn(timeout: float | None = None) -> Any:
         with watcher.acquiring(Refused):
+            fault = watcher.fault
+            if fault is not None:
+                await inject_async(watcher, fault, _refused)
             connection = await original_get(timeout)
         watcher.checked_out(id(connection))
         return connection

@@ -24,7 +24,9 @@ of the awaiting code is found by crossing to the parent greenlet's frame.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +35,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.util import await_only
 
 from guardrails.pools._core import PoolSink, PoolWatcher, checked_name
+from guardrails.pools.fault import inject
 
 __all__ = ["watch_engine"]
 
@@ -80,10 +84,15 @@ class _EngineAdapter:
     def _wrap(self, pool: Pool) -> None:
         original = pool.connect
         watcher = self.watcher
+        # An async engine's pool runs in a greenlet on the event loop: wait there.
+        sleep = _greenlet_sleep if self.engine.dialect.is_async else time.sleep
 
         @functools.wraps(original)
         def connect() -> Any:
             with watcher.acquiring(PoolTimeoutError):
+                fault = watcher.fault
+                if fault is not None:
+                    inject(watcher, fault, _refused, sleep)
                 return original()
 
         pool.connect = connect  # type: ignore[method-assign]
@@ -123,6 +132,14 @@ class _EngineAdapter:
             overflow = getattr(pool, "_max_overflow", 0)
             size = pool.size() + overflow if overflow >= 0 else None
         return {"size": size, "waiting": self.watcher.waiting}
+
+
+def _refused() -> BaseException:
+    return PoolTimeoutError("QueuePool timed out (refused by a fault injected for testing)")
+
+
+def _greenlet_sleep(seconds: float) -> None:
+    await_only(asyncio.sleep(seconds))
 
 
 def watch_engine(
