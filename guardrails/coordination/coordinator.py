@@ -4,7 +4,8 @@ A background task leases slots from Redis in batches and hands them to the local
 with ``set_limit``, so requests never wait on Redis; breaker openings and recoveries go
 through Redis too. When Redis is unreachable each process falls back to its own cap.
 The parts: :mod:`~guardrails.coordination.lease` (slots),
-:mod:`~guardrails.coordination.shared_breaker` (breaker) and
+:mod:`~guardrails.coordination.shared_breaker` (breaker),
+:mod:`~guardrails.coordination.events` (pub/sub) and
 :mod:`~guardrails.coordination.lua` (keys and scripts); this module runs them.
 """
 
@@ -19,16 +20,19 @@ import socket
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from guardrails._redis import Outage, check_url, connect, require, where
+from guardrails._redis import Endpoint, Outage, follow_master
 from guardrails.budget import ConnectionBudget
-from guardrails.coordination.lease import MIN_GAP, Lease, shares
+from guardrails.coordination.events import listen, publish_command
+from guardrails.coordination.lease import MIN_GAP, Grant, Lease, shares
 from guardrails.coordination.lua import Keys, Scripts
 from guardrails.coordination.shared_breaker import SharedBreaker
 from guardrails.limiter import seconds
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
     from guardrails.guard import Guardrails
 
 __all__ = ["RedisCoordinator"]
@@ -36,7 +40,7 @@ __all__ = ["RedisCoordinator"]
 _TICK = 0.05
 """Seconds between local checks of demand and breaker state (no I/O unless needed)."""
 _RETRY_INTERVAL = 1.0
-"""Seconds between attempts to reach Redis again after it failed."""
+"""Most seconds between attempts to reach Redis again after it failed (at most ttl / 3)."""
 
 
 class RedisCoordinator:
@@ -48,6 +52,10 @@ class RedisCoordinator:
         guard = gr.Guardrails(concurrency=20, budget=None,
                               coordinator=gr.RedisCoordinator("redis://cache:6379/0",
                                                               budget=budget))
+
+    ``url`` is a Redis URL, or a ``redis.asyncio`` client of your own: ``Redis(...)``,
+    ``Sentinel(...).master_for("name")`` or ``RedisCluster(...)`` (a client you pass stays
+    yours: it is never closed here).
 
     - **Global budget**: ``budget`` slots (an int, or a
       :class:`~guardrails.budget.ConnectionBudget`'s ``app_total``) are leased to the
@@ -61,10 +69,14 @@ class RedisCoordinator:
       Redis round trip (pub/sub, with the lease renewal as a backstop); when the open
       period ends, one process (holding a Redis lock) makes the half-open trial and tells
       the others how it went.
-    - **Redis down**: every process falls back to ``per_process`` slots (default: the
-      budget's ``per_process``, else the guard's ``concurrency``) and its own breaker,
-      logs it once, and rejoins when Redis answers again. Each Redis call is cut off
-      after ``timeout`` seconds; nothing blocks the event loop.
+    - **Redis down**: every process keeps within its lease while it stands, then within
+      both its last share and ``per_process`` slots (default: the budget's
+      ``per_process``, else the guard's ``concurrency``), uses its own breaker, logs it
+      once, and rejoins when Redis answers again. Each Redis call is cut off after
+      ``timeout`` seconds; nothing blocks the event loop.
+    - **Redis forgot** (restarted empty, flushed, failed over to a replica): for one
+      ``lease_ttl`` nobody is granted more than it already uses, while every process
+      puts its use on record again; only then are slots handed out anew.
 
     Until its first lease arrives (one round trip after the first request) a process
     admits nobody: requests wait in the queue, so a fleet starting at once cannot
@@ -73,7 +85,7 @@ class RedisCoordinator:
 
     def __init__(
         self,
-        url: str,
+        url: str | Redis | RedisCluster,
         *,
         budget: int | ConnectionBudget | None = None,
         per_process: int | None = None,
@@ -83,16 +95,9 @@ class RedisCoordinator:
         timeout: float | timedelta = 0.25,
         share_breaker: bool = True,
     ) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a Redis URL string, not {type(url).__name__}")
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, "
-                f"unix://), not one with scheme {urlsplit(url).scheme!r}"
-            )
-        require("RedisCoordinator")
-        check_url(url)
-        self.url = url
+        self._endpoint = Endpoint.of(url, "RedisCoordinator")
+        self.url = self._endpoint.url
+        """The Redis URL given, or None for a client."""
         if budget is not None and not isinstance(budget, ConnectionBudget):
             _check_slots(budget, "budget", "the number of slots all processes share")
         if per_process is not None:
@@ -137,7 +142,8 @@ class RedisCoordinator:
         """The shared breaker, once attached with ``share_breaker``."""
         self._client: Any = None
         self._scripts: Scripts | None = None
-        self._outage = Outage(_RETRY_INTERVAL)
+        self._retry_interval = min(_RETRY_INTERVAL, self.lease_ttl / 3)
+        self._outage = Outage(self._retry_interval)
         self._connected = False
         self._ever_connected = False
         self._retrying = False
@@ -148,6 +154,8 @@ class RedisCoordinator:
         self._wake: asyncio.Event | None = None
         self.renewals_total = 0
         self.errors_total = 0
+        self.generations_total = 0
+        """Times Redis was seen to have forgotten the records (restart, flush, failover)."""
         self._last_error: str | None = None
 
     @property
@@ -174,7 +182,13 @@ class RedisCoordinator:
         # The startup window: no slot is ours until Redis says so (or proves unreachable).
         guard.limiter.set_limit(0)
         if self.share_breaker:
-            self._shared = SharedBreaker(guard.breaker, self.process_id, self._keys, self._wake_up)
+            self._shared = SharedBreaker(
+                guard.breaker,
+                self.process_id,
+                self._keys,
+                self._wake_up,
+                publish=publish_command(self._endpoint.cluster),
+            )
 
     async def start(self) -> None:
         """Lease, renew and listen until :meth:`aclose`; run by the guard on its event loop."""
@@ -183,13 +197,21 @@ class RedisCoordinator:
         guard = self._require_guard()
         self._wake = asyncio.Event()
         shared = self._shared
-        listener = (
-            asyncio.get_running_loop().create_task(
-                self._listen(shared), name="guardrails-redis-events"
+        listener = None
+        if shared is not None:
+            events = listen(
+                lambda: self._client if self._connected else None,
+                lambda: self._lease.generation,
+                self._keys.channel,
+                sharded=self._endpoint.cluster,
+                timeout=self.timeout,
+                retry_interval=_RETRY_INTERVAL,
+                deliver=shared.on_message,
+                running=lambda: not self._closing,
             )
-            if shared is not None
-            else None
-        )
+            listener = asyncio.get_running_loop().create_task(
+                events, name="guardrails-redis-events"
+            )
         try:
             await self._run(guard)
         finally:
@@ -214,22 +236,24 @@ class RedisCoordinator:
             # Shutting down: if this fails the lease expires by itself anyway.
             with contextlib.suppress(Exception):
                 await self._lease.give_back(self._scripts, guard.limiter.in_flight, self.budget)
-        with contextlib.suppress(Exception):
-            await client.aclose()
+        if self._endpoint.owned:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     def snapshot(self) -> dict[str, Any]:
         """Mode, budget, slots held and wanted, processes seen, counters: as plain data."""
         guard = self._guard
         lease = self._lease
+        settling = lease.settling(time.monotonic()) if self._connected else None
         if self._connected:
-            mode = "shared"
+            mode = "shared" if settling is None else "settling"
         elif self._ever_connected or self.errors_total:
             mode = "local"
         else:
             mode = "starting"
         return {
             "kind": "redis",
-            "redis": where(self.url),
+            "redis": self._endpoint.where,
             "name": self.name,
             "process": self.process_id,
             "mode": mode,
@@ -241,11 +265,13 @@ class RedisCoordinator:
             "limit": guard.limiter.limit if guard is not None else None,
             "processes": lease.processes if self._connected else None,
             "fair_share": lease.fair if self._connected else None,
+            "settling": None if settling is None else round(settling, 3),
             "lease_ttl": self.lease_ttl,
             "batch": self.batch,
             "share_breaker": self.share_breaker,
             "trial_owner": self._shared is not None and self._shared.trial_owner,
             "renewals_total": self.renewals_total,
+            "generations_total": self.generations_total,
             "errors_total": self.errors_total,
             "remote_opens_total": self.remote_opens_total,
             "last_error": self._last_error,
@@ -265,7 +291,7 @@ class RedisCoordinator:
     def _connect(self) -> Scripts:
         """Create the client and its scripts (no I/O): a failure here is an outage too."""
         if self._scripts is None:
-            client = connect(self.url, self.timeout)
+            client = self._endpoint.connect(self.timeout)
             self._scripts = Scripts(client, self.timeout)
             self._client = client
         return self._scripts
@@ -308,6 +334,8 @@ class RedisCoordinator:
     async def _exchange(self, guard: Guardrails) -> None:
         """Tell breaker news, then renew the lease: usually one round trip in all."""
         scripts = self._connect()
+        if self._endpoint.sentinel:
+            await asyncio.wait_for(follow_master(self._client), self.timeout)
         shared = self._shared
         if shared is not None:
             await shared.tell(scripts)
@@ -322,10 +350,13 @@ class RedisCoordinator:
             return  # closed meanwhile: aclose gives the lease back
         self._retrying = False
         self._outage.succeeded()
+        known = self._lease.generation
         self._lease.take(grant)
         self.renewals_total += 1
         if not self._connected:
             self._rejoined(guard)
+        if known and grant.generation != known:
+            self._forgotten(guard, grant)
         guard.limiter.set_limit(grant.grant)
         if shared is not None:
             shared.reconcile(grant.breaker_ms, grant.opening)
@@ -333,6 +364,7 @@ class RedisCoordinator:
     def _failed(self, guard: Guardrails, exc: BaseException) -> None:
         self.errors_total += 1
         self._last_error = type(exc).__name__
+        self._lease.failed()
         if self._connected and not self._retrying and not self._closing:
             # One lost reply is often a stall, not an outage, and our lease stands:
             # ask once more soon before going local.
@@ -342,7 +374,9 @@ class RedisCoordinator:
         self._lost(guard, exc)
 
     def _lost(self, guard: Guardrails, exc: BaseException) -> None:
-        self._outage.failed()
+        # While our lease may stand, keep asking often: an answer in time keeps our slots.
+        soon = time.monotonic() < self._lease.until
+        self._outage.failed(MIN_GAP if soon else self._retry_interval)
         self._retrying = False
         if self._closing:
             return
@@ -351,11 +385,11 @@ class RedisCoordinator:
                 "coordinator",
                 transition=True,
                 connected=False,
-                redis=where(self.url),
+                redis=self._endpoint.where,
                 level=logging.WARNING,
-                message=f"Redis at {where(self.url)} unreachable ({type(exc).__name__}): "
-                f"the local breaker, and {self.per_process} local slots once its lease runs "
-                "out, until Redis answers",
+                message=f"Redis at {self._endpoint.where} unreachable "
+                f"({type(exc).__name__}): the local breaker, and at most "
+                f"{self.per_process} local slots once its lease runs out, until Redis answers",
             )
         self._connected = False
         self._local = True
@@ -375,34 +409,25 @@ class RedisCoordinator:
             "coordinator",
             transition=True,
             connected=True,
-            redis=where(self.url),
+            redis=self._endpoint.where,
             level=logging.INFO,
-            message=f"Redis at {where(self.url)} answers again: sharing a budget of "
+            message=f"Redis at {self._endpoint.where} answers again: sharing a budget of "
             f"{self.budget} slots",
         )
 
-    async def _listen(self, shared: SharedBreaker) -> None:
-        """Hand the other processes' breaker news to ``shared`` while Redis answers."""
-        while not self._closing:
-            client = self._client
-            if client is None or not self._connected:
-                await asyncio.sleep(_TICK)
-                continue
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await asyncio.wait_for(pubsub.subscribe(self._keys.channel), self.timeout)
-                while not self._closing and self._connected:
-                    message = await pubsub.get_message(timeout=_TICK * 4)
-                    if message is not None:
-                        shared.on_message(message.get("data"))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The lease loop notices and reports the outage; just listen again later.
-                await asyncio.sleep(_RETRY_INTERVAL)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    def _forgotten(self, guard: Guardrails, grant: Grant) -> None:
+        """Redis no longer has the records this process knew: a restart, flush or failover."""
+        self.generations_total += 1
+        guard.telemetry.event(
+            "coordinator",
+            transition=True,
+            connected=True,
+            redis=self._endpoint.where,
+            level=logging.WARNING,
+            message=f"Redis at {self._endpoint.where} lost the budget's records (restarted, "
+            f"flushed or failed over): no process is granted more than it uses for "
+            f"{grant.settling_ms / 1000:g} s, while every process records its use again",
+        )
 
 
 def _check_slots(value: object, name: str, hint: str) -> None:
