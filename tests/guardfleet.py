@@ -39,8 +39,17 @@ async def fleet(
 ) -> AsyncIterator[list[gr.Guardrails]]:
     """``count`` guards sharing one budget through Redis, their coordinators running.
 
-    ``url`` is a Redis URL, or a function making each guard a client of its own.
+    ``url`` is a Redis URL, or a function making each guard a client of its own (the
+    clients stay the caller's: closed here after the guards).
     """
+    clients: list[Any] = []
+
+    def target() -> Any:
+        if not callable(url):
+            return url
+        clients.append(url())
+        return clients[-1]
+
     guards = [
         gr.Guardrails(
             concurrency=concurrency,
@@ -48,7 +57,7 @@ async def fleet(
             max_queue=1000,
             breaker=breaker,
             coordinator=RedisCoordinator(
-                url() if callable(url) else url,
+                target(),
                 budget=budget,
                 per_process=per_process,
                 name=name,
@@ -66,6 +75,8 @@ async def fleet(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for client in clients:
+            await client.aclose()
 
 
 async def wait_until(check: Callable[[], bool], within: float, step: float = 0.01) -> float:

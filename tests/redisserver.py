@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -173,15 +174,28 @@ class Sentineled:
     """A master, its replica and one Sentinel, on loopback: a failover in a few seconds."""
 
     def __init__(self, binary: str) -> None:
-        self.master = RedisServer(binary)
+        # A replica syncs at once, not after the default 5 s wait for more replicas.
+        self.master = RedisServer(binary, options=("--repl-diskless-sync-delay", "0"))
         self.master.start()
         self.replica = RedisServer(
-            binary, options=("--replicaof", "127.0.0.1", str(self.master.port))
+            binary,
+            options=(
+                "--replicaof",
+                "127.0.0.1",
+                str(self.master.port),
+                "--repl-diskless-sync-delay",
+                "0",
+            ),
         )
         self.replica.start()
+        # In sync before the Sentinel looks: else it learns so only at its next poll (10 s).
+        _wait(self.replica_synced, 15, "the replica did not sync")
         self.sentinel = SentinelServer(binary, self.master)
         self.sentinel.start()
         _wait(self.sentinel.knows_replica, 15, "the Sentinel did not find the replica")
+
+    def replica_synced(self) -> bool:
+        return "master_link_status:up" in self.replica.ask("INFO", "replication")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -210,7 +224,7 @@ class Cluster:
             "--cluster-node-timeout",
             "2000",
         )
-        self.nodes = [RedisServer(binary, options=options) for _ in range(3)]
+        self.nodes = [RedisServer(binary, cluster_port(), options=options) for _ in range(3)]
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
@@ -288,6 +302,20 @@ class RedisProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+def cluster_port() -> int:
+    """A free port P whose bus port P + 10000 is free too (so P <= 55535), for a cluster node."""
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            with socket.socket() as one, socket.socket() as bus:
+                one.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _wait(check: Callable[[], bool], within: float, what: str) -> None:

@@ -96,6 +96,8 @@ async def test_a_failover_to_a_replica_that_missed_writes_keeps_the_budget(
     redis_factory: Callable[[], RedisServer],
 ) -> None:
     primary = redis_factory()
+    # The replica syncs at once, not after the default 5 s wait for more replicas.
+    assert primary.ask("CONFIG", "SET", "repl-diskless-sync-delay", "0").startswith("+OK")
     replica = RedisServer(primary.binary, options=("--replicaof", "127.0.0.1", str(primary.port)))
     replica.start()
     await wait_until(lambda: "master_link_status:up" in replica.ask("INFO", "replication"), 5)
@@ -138,11 +140,12 @@ async def test_a_sync_client_is_refused_and_a_clients_own_is_left_open(redis_url
     with pytest.raises(TypeError, match="not int"):
         gr.RedisCache(6379)  # type: ignore[arg-type]
     client = Redis.from_url(redis_url)
-    async with fleet(lambda: client, 1, budget=4, concurrency=4, name=unique("own")) as (guard,):
+    coordinator = gr.RedisCoordinator(client, budget=4, name=unique("own"), lease_ttl=1.0)
+    guard = gr.Guardrails(concurrency=4, coordinator=coordinator)
+    assert coordinator.url is None
+    assert coordinator.snapshot()["redis"] == redis_url.removeprefix("redis://").removesuffix("/0")
+    async with guard:  # runs the coordinator
         await wait_until(lambda: settled([guard]) and guard.limiter.limit > 0, within=5)
-        snapshot = coordinator_of(guard).snapshot()
-        assert snapshot["redis"] == redis_url.removeprefix("redis://").removesuffix("/0")
-        assert coordinator_of(guard).url is None
     assert await client.ping()  # closing the guard left the client alone
     await client.aclose()
 
