@@ -38,6 +38,7 @@ from redisserver import RedisServer
 import guardrails as gr
 from guardrails.breaker import Breaker
 from guardrails.coordination.coordinator import RedisCoordinator
+from guardrails.coordination.lua import Keys
 
 pytestmark = pytest.mark.anyio
 
@@ -149,6 +150,32 @@ async def test_two_saturated_guards_share_the_budget(redis_url: str) -> None:
         assert all(n > 0 for n in done), done
         assert load.peak <= 6
         assert sum((await recorded(redis_url, name)).values()) <= 6
+
+
+async def test_a_guard_short_of_slots_asks_the_others_for_theirs(redis_url: str) -> None:
+    name = unique("ask")
+    async with fleet(redis_url, 3, budget=6, concurrency=6, name=name) as guards:
+        busy = guards[0]
+        await wait_until(lambda: settled(guards), within=5)
+        raw = Redis.from_url(redis_url)
+        pubsub = raw.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(Keys.of(name).channel)
+        load = Load(guards)
+        try:
+            load.start(0, 10)  # the idle guards hold spare slots the busy one needs
+            with anyio.fail_after(5):
+                while True:
+                    message = await pubsub.get_message(timeout=1)
+                    if message is not None and message["data"].startswith(b"need "):
+                        break
+            # Its fair share: the whole budget, as the others need none.
+            assert message["data"] == f"need 6 {coordinator_of(busy).process_id}".encode()
+            await wait_until(lambda: held(busy) == 6, within=5)
+        finally:
+            await load.stop()
+            await pubsub.aclose()
+            await raw.aclose()
+        assert load.peak <= 6
 
 
 async def test_idle_guards_neither_hold_slots_nor_shrink_the_fair_share(redis_url: str) -> None:

@@ -5,8 +5,9 @@ with ``set_limit``, so requests never wait on Redis; breaker openings and recove
 through Redis too. When Redis is unreachable each process falls back to its own cap.
 The parts: :mod:`~guardrails.coordination.lease` (slots),
 :mod:`~guardrails.coordination.shared_breaker` (breaker),
-:mod:`~guardrails.coordination.events` (pub/sub) and
-:mod:`~guardrails.coordination.lua` (keys and scripts); this module runs them.
+:mod:`~guardrails.coordination.events` (pub/sub), :mod:`~guardrails.coordination.link`
+(the client) and :mod:`~guardrails.coordination.lua` (keys and scripts); this module
+runs them.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from guardrails._redis import Endpoint, Outage, follow_master
+from guardrails._redis import Endpoint
 from guardrails.budget import ConnectionBudget
 from guardrails.coordination.events import listen, publish_command
-from guardrails.coordination.lease import MIN_GAP, Grant, Lease, shares
-from guardrails.coordination.lua import Keys, Scripts
+from guardrails.coordination.lease import Grant, Lease, shares
+from guardrails.coordination.link import Link
+from guardrails.coordination.lua import Keys, text
 from guardrails.coordination.shared_breaker import SharedBreaker
 from guardrails.limiter import seconds
 
@@ -137,26 +139,25 @@ class RedisCoordinator:
         self.per_process = 0
         """Slots this process uses while Redis is unreachable."""
         self.batch = 1
-        self._lease = Lease(self.process_id, self._keys, self.lease_ttl)
+        self._lease = Lease(
+            self.process_id,
+            self._keys,
+            self.lease_ttl,
+            publish=publish_command(self._endpoint.cluster),
+        )
         self._shared: SharedBreaker | None = None
         """The shared breaker, once attached with ``share_breaker``."""
-        self._client: Any = None
-        self._scripts: Scripts | None = None
-        self._retry_interval = min(_RETRY_INTERVAL, self.lease_ttl / 3)
-        self._outage = Outage(self._retry_interval)
-        self._connected = False
-        self._ever_connected = False
-        self._retrying = False
-        """One call failed while connected: the next one decides whether Redis is lost."""
-        self._local = False
-        """Redis was declared lost: the local cap applies once our lease has run out."""
+        self._link = Link(self._endpoint, self.timeout, min(_RETRY_INTERVAL, self.lease_ttl / 3))
         self._closing = False
         self._wake: asyncio.Event | None = None
         self.renewals_total = 0
-        self.errors_total = 0
         self.generations_total = 0
         """Times Redis was seen to have forgotten the records (restart, flush, failover)."""
-        self._last_error: str | None = None
+
+    @property
+    def errors_total(self) -> int:
+        """Redis calls that failed (timeouts, refused connections, errors)."""
+        return self._link.errors_total
 
     @property
     def remote_opens_total(self) -> int:
@@ -196,28 +197,36 @@ class RedisCoordinator:
             return  # closed for good: a closed guard never leases again
         guard = self._require_guard()
         self._wake = asyncio.Event()
-        shared = self._shared
-        listener = None
-        if shared is not None:
-            events = listen(
-                lambda: self._client if self._connected else None,
-                lambda: self._lease.generation,
-                self._keys.channel,
-                sharded=self._endpoint.cluster,
-                timeout=self.timeout,
-                retry_interval=_RETRY_INTERVAL,
-                deliver=shared.on_message,
-                running=lambda: not self._closing,
-            )
-            listener = asyncio.get_running_loop().create_task(
-                events, name="guardrails-redis-events"
-            )
+        link = self._link
+        events = listen(
+            lambda: link.client if link.connected else None,
+            lambda: self._lease.generation,
+            self._keys.channel,
+            sharded=self._endpoint.cluster,
+            timeout=self.timeout,
+            retry_interval=_RETRY_INTERVAL,
+            deliver=self._on_message,
+            running=lambda: not self._closing,
+        )
+        listener = asyncio.get_running_loop().create_task(events, name="guardrails-redis-events")
         try:
             await self._run(guard)
         finally:
-            if listener is not None:
-                listener.cancel()
-                await asyncio.gather(listener, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    def _on_message(self, data: object) -> None:
+        """Another process's news: a request for slots ("need ..."), or the breaker's."""
+        if isinstance(data, bytes | str):
+            kind, _, rest = text(data).partition(" ")
+            if kind == "need":
+                fair, _, sender = rest.partition(" ")
+                if sender != self.process_id and fair.isdigit():
+                    self._lease.asked(int(fair))
+                    self._wake_up()
+                return
+        if self._shared is not None:
+            self._shared.on_message(data)
 
     async def aclose(self) -> None:
         """Give this process's slots back and close the Redis connections."""
@@ -229,25 +238,22 @@ class RedisCoordinator:
             # Admit nobody on slots that are about to be given back.
             guard.limiter.set_limit(0)
         self._wake_up()
-        client, self._client = self._client, None
-        if client is None:
-            return
-        if self._connected and guard is not None and self._scripts is not None:
+        link = self._link
+        if link.connected and guard is not None and link.scripts is not None:
             # Shutting down: if this fails the lease expires by itself anyway.
             with contextlib.suppress(Exception):
-                await self._lease.give_back(self._scripts, guard.limiter.in_flight, self.budget)
-        if self._endpoint.owned:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+                await self._lease.give_back(link.scripts, guard.limiter.in_flight, self.budget)
+        await link.aclose()
 
     def snapshot(self) -> dict[str, Any]:
         """Mode, budget, slots held and wanted, processes seen, counters: as plain data."""
         guard = self._guard
         lease = self._lease
-        settling = lease.settling(time.monotonic()) if self._connected else None
-        if self._connected:
+        connected = self._link.connected
+        settling = lease.settling(time.monotonic()) if connected else None
+        if connected:
             mode = "shared" if settling is None else "settling"
-        elif self._ever_connected or self.errors_total:
+        elif self._link.ever_connected or self.errors_total:
             mode = "local"
         else:
             mode = "starting"
@@ -257,14 +263,14 @@ class RedisCoordinator:
             "name": self.name,
             "process": self.process_id,
             "mode": mode,
-            "connected": self._connected,
+            "connected": connected,
             "budget": self.budget,
             "per_process": self.per_process,
-            "held": lease.held if self._connected else None,
+            "held": lease.held if connected else None,
             "want": lease.want,
             "limit": guard.limiter.limit if guard is not None else None,
-            "processes": lease.processes if self._connected else None,
-            "fair_share": lease.fair if self._connected else None,
+            "processes": lease.processes if connected else None,
+            "fair_share": lease.fair if connected else None,
             "settling": None if settling is None else round(settling, 3),
             "lease_ttl": self.lease_ttl,
             "batch": self.batch,
@@ -274,7 +280,7 @@ class RedisCoordinator:
             "generations_total": self.generations_total,
             "errors_total": self.errors_total,
             "remote_opens_total": self.remote_opens_total,
-            "last_error": self._last_error,
+            "last_error": self._link.last_error,
         }
 
     # -- the loop ----------------------------------------------------------------------
@@ -288,30 +294,23 @@ class RedisCoordinator:
         if self._wake is not None:
             self._wake.set()
 
-    def _connect(self) -> Scripts:
-        """Create the client and its scripts (no I/O): a failure here is an outage too."""
-        if self._scripts is None:
-            client = self._endpoint.connect(self.timeout)
-            self._scripts = Scripts(client, self.timeout)
-            self._client = client
-        return self._scripts
-
     async def _run(self, guard: Guardrails) -> None:
         wake = self._wake
         assert wake is not None
         limiter = guard.limiter
         lease = self._lease
         shared = self._shared
+        link = self._link
         while not self._closing:
             now = time.monotonic()
             lease.note_demand(limiter)
-            if self._connected and not self._retrying:
+            if link.steady:
                 due = lease.due(now, limiter, self.timeout) or (
                     shared is not None and shared.pending is not None
                 )
             else:
-                due = self._outage.ready()
-            if self._local:
+                due = link.ready()
+            if link.lost:
                 lease.fall_back(limiter, self.per_process)
             if due:
                 try:
@@ -320,9 +319,9 @@ class RedisCoordinator:
                     raise
                 except Exception as exc:
                     self._failed(guard, exc)
-            if self._connected and not self._retrying and shared is not None:
+            if link.steady and shared is not None:
                 try:
-                    await shared.coordinate_trial(self._connect())
+                    await shared.coordinate_trial(link.open())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -333,27 +332,26 @@ class RedisCoordinator:
 
     async def _exchange(self, guard: Guardrails) -> None:
         """Tell breaker news, then renew the lease: usually one round trip in all."""
-        scripts = self._connect()
-        if self._endpoint.sentinel:
-            await asyncio.wait_for(follow_master(self._client), self.timeout)
+        link = self._link
+        scripts = link.open()
+        await link.follow()
         shared = self._shared
         if shared is not None:
             await shared.tell(scripts)
         grant = await self._lease.renew(
             scripts,
             guard.limiter,
-            connected=self._connected,
+            connected=link.connected,
             budget=self.budget,
             batch=self.batch,
         )
         if self._closing:
             return  # closed meanwhile: aclose gives the lease back
-        self._retrying = False
-        self._outage.succeeded()
+        first = not link.ever_connected
         known = self._lease.generation
         self._lease.take(grant)
         self.renewals_total += 1
-        if not self._connected:
+        if link.succeeded() and not (first and not link.errors_total):
             self._rejoined(guard)
         if known and grant.generation != known:
             self._forgotten(guard, grant)
@@ -362,25 +360,14 @@ class RedisCoordinator:
             shared.reconcile(grant.breaker_ms, grant.opening)
 
     def _failed(self, guard: Guardrails, exc: BaseException) -> None:
-        self.errors_total += 1
-        self._last_error = type(exc).__name__
         self._lease.failed()
-        if self._connected and not self._retrying and not self._closing:
-            # One lost reply is often a stall, not an outage, and our lease stands:
-            # ask once more soon before going local.
-            self._retrying = True
-            self._outage.failed(MIN_GAP)
+        link = self._link
+        was_connected = link.connected
+        if not link.failed(exc, lease_stands=time.monotonic() < self._lease.until):
             return
-        self._lost(guard, exc)
-
-    def _lost(self, guard: Guardrails, exc: BaseException) -> None:
-        # While our lease may stand, keep asking often: an answer in time keeps our slots.
-        soon = time.monotonic() < self._lease.until
-        self._outage.failed(MIN_GAP if soon else self._retry_interval)
-        self._retrying = False
         if self._closing:
             return
-        if self._connected or (not self._ever_connected and self.errors_total == 1):
+        if was_connected or (not link.ever_connected and link.errors_total == 1):
             guard.telemetry.event(
                 "coordinator",
                 transition=True,
@@ -391,20 +378,12 @@ class RedisCoordinator:
                 f"({type(exc).__name__}): the local breaker, and at most "
                 f"{self.per_process} local slots once its lease runs out, until Redis answers",
             )
-        self._connected = False
-        self._local = True
         if self._shared is not None:
             self._shared.lost()
         guard.breaker.hold = False
         self._lease.fall_back(guard.limiter, self.per_process)
 
     def _rejoined(self, guard: Guardrails) -> None:
-        first = not self._ever_connected
-        self._local = False
-        self._connected = True
-        self._ever_connected = True
-        if first and not self.errors_total:
-            return
         guard.telemetry.event(
             "coordinator",
             transition=True,

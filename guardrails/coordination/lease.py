@@ -106,6 +106,7 @@ class Lease:
         "peak",
         "process_id",
         "processes",
+        "publish",
         "sent_floor",
         "settled_at",
         "ttl",
@@ -113,9 +114,13 @@ class Lease:
         "want",
     )
 
-    def __init__(self, process_id: str, keys: Keys, ttl: float) -> None:
+    def __init__(
+        self, process_id: str, keys: Keys, ttl: float, *, publish: str = "PUBLISH"
+    ) -> None:
         self.process_id = process_id
         self.keys = keys
+        self.publish = publish
+        """The command requests for slots go out with: ``SPUBLISH`` on a Redis Cluster."""
         self.ttl = ttl
         """Seconds a lease lasts unless renewed."""
         self.held = 0
@@ -205,7 +210,7 @@ class Lease:
         result = await scripts.run(
             "lease",
             self.keys.for_lease,
-            [self.process_id, want, need, floor, budget, ttl_ms, claim, ttl_ms],
+            [self.process_id, want, need, floor, budget, ttl_ms, claim, ttl_ms, self.publish],
         )
         self.sent_floor = None
         grant, record, active, fair, contended, remaining = (int(v) for v in result[:6])
@@ -249,6 +254,16 @@ class Lease:
             # Ask again as the settling ends, when slots may be granted again.
             self.next_call = min(self.next_call, max(grant.sent + MIN_GAP, self.settled_at))
 
+    def asked(self, fair: int) -> None:
+        """Another process is short of slots: renew now, keeping no more than ``fair``.
+
+        The renewal gives back what we hold beyond our need and fair share, rather than
+        at the next scheduled renewal, a third of a lease later.
+        """
+        self.contended = True
+        self.fair = min(self.fair, fair) if self.fair else fair
+        self.next_call = 0.0
+
     def fall_back(self, limiter: ConcurrencyLimiter, per_process: int) -> None:
         """Redis lost: stay within our lease, and later within both it and ``per_process``.
 
@@ -272,5 +287,5 @@ class Lease:
         await scripts.run(
             "lease",
             self.keys.for_lease,
-            [self.process_id, 0, 0, in_flight, budget, ttl_ms, in_flight, 1],
+            [self.process_id, 0, 0, in_flight, budget, ttl_ms, in_flight, 1, self.publish],
         )

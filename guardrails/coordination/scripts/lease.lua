@@ -4,8 +4,10 @@
 --
 -- KEYS: leases (zset: process -> expiry), held (hash: process -> slots on record),
 --       wants (hash: process -> slots it needs), breaker (string, see open.lua),
---       generation (string: "<server run_id>:<settling until>:<last call>")
--- ARGV: process, want, need, floor, budget, lease ttl (ms), claim, this lease (ms)
+--       generation (string: "<server run_id>:<settling until>:<last call>"),
+--       channel (pub/sub), asked (string: a request for slots was published lately)
+-- ARGV: process, want, need, floor, budget, lease ttl (ms), claim, this lease (ms),
+--       'SPUBLISH' on a Redis Cluster (sharded pub/sub), else 'PUBLISH'
 -- Returns {grant, record, active, fair, contended, breaker ms left or -1, breaker value,
 --          settling ms left (0 when not settling), generation}
 --
@@ -13,7 +15,10 @@
 -- process used lately, ``want`` adds spare slots. While some process needs more than it
 -- holds, nobody is granted more than it needs nor more than ceil(budget / processes that
 -- need slots): spare slots go back to where the work is, and idle processes (need 0)
--- neither hold them nor shrink the others' fair share.
+-- neither hold them nor shrink the others' fair share. A process left short while others
+-- hold more than they may keep publishes "need <fair share> <process>" (at most once a
+-- third of a ttl): they renew at once and give the excess back, instead of at their
+-- next scheduled renewal.
 --
 -- A generation is one server's unbroken memory of the leases. A missing generation key
 -- (Redis restarted empty, flushed, or forgot the keys) or another server's run_id (a
@@ -59,6 +64,7 @@ end
 if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) end
 local held = redis.call('HGETALL', KEYS[2])
 local others, active, contended = 0, 0, 0
+local most = 0 -- the most any other process holds beyond what it needs
 if need > 0 then active = 1 end
 for i = 1, #held, 2 do
   local m = held[i]
@@ -68,6 +74,7 @@ for i = 1, #held, 2 do
     local n = tonumber(redis.call('HGET', KEYS[3], m) or h)
     if n > 0 then active = active + 1 end
     if n > h then contended = 1 end
+    most = math.max(most, h - math.min(n, h))
   end
 end
 local fair = math.ceil(budget / math.max(active, 1))
@@ -90,6 +97,13 @@ else
   for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
 end
 redis.call('SET', KEYS[5], server .. ':' .. settle_until .. ':' .. now, 'PX', keep)
+if settling == 0 and need > record and (most > 0 or others > budget - fair) then
+  if redis.call('SET', KEYS[7], me, 'NX', 'PX', math.max(1, math.floor(ttl / 3))) then
+    local news = 'need ' .. fair .. ' ' .. me
+    local sent = ARGV[9] == 'SPUBLISH' and redis.pcall('SPUBLISH', KEYS[6], news)
+    if type(sent) ~= 'number' then redis.call('PUBLISH', KEYS[6], news) end
+  end
+end
 local remaining = -1
 local b = redis.call('GET', KEYS[4])
 if b then
