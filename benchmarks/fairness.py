@@ -40,7 +40,7 @@ BUDGET = 16
 CONCURRENCY = 16
 USERS = 24
 """Users per busy server, each sending its next request when the last is answered."""
-QUERY_SECONDS = 0.2
+QUERY_SECONDS = 0.5
 """Long enough that a few requests a second keep every slot busy: the load generator
 shares the machine with the servers, and must not be what limits the demand."""
 FAIR = math.ceil(BUDGET / SERVERS)
