@@ -179,12 +179,6 @@ def async_engine(async_engine_factory: EngineFactory) -> AsyncEngine:
 # redis-server fixtures (tests/redisserver.py). The child projects of test_harness.py copy
 # only this file and pgcluster.py: they go without.
 try:  # noqa: SIM105
-    from redisserver import (  # noqa: F401
-        redis_cluster,
-        redis_factory,
-        redis_server,
-        redis_url,
-        sentinel_factory,
-    )
+    from redisserver import redis_factory, redis_server, redis_url  # noqa: F401
 except ModuleNotFoundError:
     pass

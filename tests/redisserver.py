@@ -1,11 +1,11 @@
 """Throwaway redis-server processes for the tests: a free loopback port, a temp dir, no disk.
 
 ``redis_server`` is the session's shared server (tests keep apart by key names);
-``redis_factory()`` starts one a test may stop and start again; ``redis_cluster`` is a
-three-master Redis Cluster; ``sentinel_factory()`` starts a master, its replica and a
-Sentinel watching them; :class:`RedisProxy` forwards loopback connections to a server the
-test may swap. Without the binaries the tests skip, or fail when GUARDRAILS_REQUIRE_REDIS=1
-or GUARDRAILS_REQUIRE_POSTGRES=1 (CI).
+``redis_factory()`` starts one a test may stop and start again; :class:`Cluster` is a
+three-master Redis Cluster (:func:`start_cluster`); :class:`Sentineled` a master, its
+replica and a Sentinel watching them (:func:`start_sentinel`); :class:`RedisProxy`
+forwards loopback connections to a server the test may swap. Without the binaries the
+tests skip, or fail when GUARDRAILS_REQUIRE_REDIS=1 or GUARDRAILS_REQUIRE_POSTGRES=1 (CI).
 """
 
 from __future__ import annotations
@@ -344,6 +344,16 @@ def find_redis() -> str:
     return binary
 
 
+def start_cluster() -> Cluster:
+    """A new three-master Redis Cluster; skips (or fails, when required) without binaries."""
+    return Cluster(find_redis(), find_redis_cli())
+
+
+def start_sentinel() -> Sentineled:
+    """A new master, replica and Sentinel; skips (or fails, when required) without binaries."""
+    return Sentineled(find_redis())
+
+
 def find_redis_cli() -> str:
     """Path of redis-cli; skips the test (or fails it, when required) without one."""
     binary = shutil.which("redis-cli")
@@ -369,33 +379,6 @@ def redis_factory() -> Iterator[Callable[[], RedisServer]]:
     finally:
         for server in started:
             server.close()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[Cluster]:
-    """A three-master Redis Cluster for the session; tests keep apart by key names."""
-    cluster = Cluster(find_redis(), find_redis_cli())
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def sentinel_factory() -> Iterator[Callable[[], Sentineled]]:
-    """Start a master, a replica and a Sentinel of one's own; all closed after the test."""
-    started: list[Sentineled] = []
-
-    def factory() -> Sentineled:
-        setup = Sentineled(find_redis())
-        started.append(setup)
-        return setup
-
-    try:
-        yield factory
-    finally:
-        for setup in started:
-            setup.close()
 
 
 @pytest.fixture(scope="session")

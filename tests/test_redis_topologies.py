@@ -6,7 +6,7 @@ guard gets a client of its own, as each process would build one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -22,13 +22,39 @@ from guardfleet import (
 )
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redisserver import Cluster, Sentineled, SentinelServer
+from redisserver import Cluster, Sentineled, SentinelServer, start_cluster, start_sentinel
 
 import guardrails as gr
 from guardrails.coordination.lua import Keys
 from guardrails.fallback import CachedResponse
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[Cluster]:
+    """A three-master Redis Cluster for this module; tests keep apart by key names."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def sentinel_factory() -> Iterator[Callable[[], Sentineled]]:
+    """Start a master, a replica and a Sentinel of one's own; all closed after the test."""
+    started: list[Sentineled] = []
+
+    def factory() -> Sentineled:
+        started.append(start_sentinel())
+        return started[-1]
+
+    try:
+        yield factory
+    finally:
+        for setup in started:
+            setup.close()
 
 
 def cluster_client(cluster: Cluster) -> RedisCluster:
