@@ -60,6 +60,7 @@ async def test_after_a_flush_nobody_is_granted_more_until_every_guard_is_on_reco
             done = await load.completed_within(0.3)
         finally:
             await load.stop()
+        print(f"\nslots in use at once, at most: {load.peak} of 6")
         assert load.peak <= 6
         assert all(n > 0 for n in done), done
     server.close()
@@ -86,6 +87,7 @@ async def test_a_stall_longer_than_a_lease_keeps_the_leases_of_guards_that_could
             done = await load.completed_within(0.3)
         finally:
             await load.stop()
+        print(f"\nslots in use at once, at most: {load.peak} of 6")
         assert load.peak <= 6
         assert generations(guards) == [0, 0]  # Redis kept its records: no settling needed
         assert all(n > 0 for n in done), done
@@ -121,6 +123,7 @@ async def test_a_failover_to_a_replica_that_missed_writes_keeps_the_budget(
                 done = await load.completed_within(0.3)
             finally:
                 await load.stop()
+            print(f"\nslots in use at once, at most: {load.peak} of 6")
             assert load.peak <= 6
             assert all(n > 0 for n in done), done
     finally:

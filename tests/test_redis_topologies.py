@@ -99,6 +99,7 @@ async def test_on_a_cluster_the_fleet_shares_one_budget_and_notices_a_flush(
             done = await load.completed_within(0.3)
         finally:
             await load.stop()
+        print(f"\nslots in use at once, at most: {load.peak} of 6")
         assert load.peak <= 6
         assert all(n > 0 for n in done), done
 
@@ -190,6 +191,7 @@ async def test_a_sentinel_failover_under_load_keeps_the_fleet_inside_the_budget(
             done = await load.completed_within(0.5)
         finally:
             await load.stop()
+        print(f"\nslots in use at once, at most: {load.peak} of 6")
         assert load.peak <= 6
         assert all(n > 0 for n in done), done
         snapshot = coordinator_of(guards[0]).snapshot()
