@@ -80,9 +80,10 @@ class RedisCoordinator:
       ``lease_ttl`` nobody is granted more than it already uses, while every process
       puts its use on record again; only then are slots handed out anew.
 
-    Until its first lease arrives (one round trip after the first request) a process
-    admits nobody: requests wait in the queue, so a fleet starting at once cannot
-    overrun the budget. ``name`` separates budgets sharing one Redis (one per database).
+    Until its first lease arrives (one round trip after it starts) a process admits
+    nobody: requests wait in the queue, so a fleet starting at once cannot overrun the
+    budget; if Redis has not answered within ``lease_ttl``, it falls back to
+    ``per_process``. ``name`` separates budgets sharing one Redis (one per database).
     """
 
     def __init__(
@@ -147,7 +148,12 @@ class RedisCoordinator:
         )
         self._shared: SharedBreaker | None = None
         """The shared breaker, once attached with ``share_breaker``."""
-        self._link = Link(self._endpoint, self.timeout, min(_RETRY_INTERVAL, self.lease_ttl / 3))
+        self._link = Link(
+            self._endpoint,
+            self.timeout,
+            retry_interval=min(_RETRY_INTERVAL, self.lease_ttl / 3),
+            patience=self.lease_ttl,
+        )
         self._closing = False
         self._wake: asyncio.Event | None = None
         self.renewals_total = 0
@@ -362,12 +368,12 @@ class RedisCoordinator:
     def _failed(self, guard: Guardrails, exc: BaseException) -> None:
         self._lease.failed()
         link = self._link
-        was_connected = link.connected
+        was_lost = link.lost
         if not link.failed(exc, lease_stands=time.monotonic() < self._lease.until):
             return
         if self._closing:
             return
-        if was_connected or (not link.ever_connected and link.errors_total == 1):
+        if not was_lost:
             guard.telemetry.event(
                 "coordinator",
                 transition=True,

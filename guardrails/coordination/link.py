@@ -8,6 +8,7 @@ decides what each state means for the slots.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from guardrails._redis import Endpoint, Outage, follow_master
@@ -22,6 +23,7 @@ class Link:
 
     __slots__ = (
         "_outage",
+        "_since",
         "client",
         "connected",
         "endpoint",
@@ -29,18 +31,24 @@ class Link:
         "ever_connected",
         "last_error",
         "lost",
+        "patience",
         "retry_interval",
         "retrying",
         "scripts",
         "timeout",
     )
 
-    def __init__(self, endpoint: Endpoint, timeout: float, retry_interval: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, timeout: float, retry_interval: float, patience: float
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         """Seconds each call may take."""
         self.retry_interval = retry_interval
         """Seconds between attempts while lost, once our lease has run out."""
+        self.patience = patience
+        """Seconds a process that never reached Redis keeps asking before it counts it lost."""
+        self._since: float | None = None
         self.client: Any = None
         self.scripts: Scripts | None = None
         self.connected = False
@@ -90,9 +98,10 @@ class Link:
         """A call failed; True when Redis now counts as lost.
 
         The first failure while connected is asked again after ``MIN_GAP``; the next one
-        (or any before Redis ever answered) declares it lost. While ``lease_stands``,
-        Redis is asked again often (an answer in time keeps our slots), else every
-        :attr:`retry_interval` seconds.
+        declares it lost. Before Redis ever answered, it is asked every ``MIN_GAP`` for
+        :attr:`patience` seconds first: a slow start is not an outage. While
+        ``lease_stands``, Redis is asked again often (an answer in time keeps our slots),
+        else every :attr:`retry_interval` seconds.
         """
         self.errors_total += 1
         self.last_error = type(exc).__name__
@@ -100,6 +109,13 @@ class Link:
             self.retrying = True
             self._outage.failed(MIN_GAP)
             return False
+        if not self.ever_connected and not self.lost:
+            now = time.monotonic()
+            if self._since is None:
+                self._since = now
+            if now - self._since < self.patience:
+                self._outage.failed(MIN_GAP)
+                return False
         self.retrying = False
         self._outage.failed(MIN_GAP if lease_stands else self.retry_interval)
         self.connected = False
