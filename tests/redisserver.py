@@ -176,7 +176,6 @@ class Sentineled:
     def __init__(self, binary: str) -> None:
         # A replica syncs at once, not after the default 5 s wait for more replicas.
         self.master = RedisServer(binary, options=("--repl-diskless-sync-delay", "0"))
-        self.master.start()
         self.replica = RedisServer(
             binary,
             options=(
@@ -187,12 +186,17 @@ class Sentineled:
                 "0",
             ),
         )
-        self.replica.start()
-        # In sync before the Sentinel looks: else it learns so only at its next poll (10 s).
-        _wait(self.replica_synced, 15, "the replica did not sync")
         self.sentinel = SentinelServer(binary, self.master)
-        self.sentinel.start()
-        _wait(self.sentinel.knows_replica, 15, "the Sentinel did not find the replica")
+        try:
+            self.master.start()
+            self.replica.start()
+            # In sync before the Sentinel looks: else it learns so only at its next poll (10 s).
+            _wait(self.replica_synced, 15, "the replica did not sync")
+            self.sentinel.start()
+            _wait(self.sentinel.knows_replica, 15, "the Sentinel did not find the replica")
+        except BaseException:
+            self.close()  # no server outlives a setup that failed
+            raise
 
     def replica_synced(self) -> bool:
         return "master_link_status:up" in self.replica.ask("INFO", "replication")
@@ -225,20 +229,24 @@ class Cluster:
             "2000",
         )
         self.nodes = [RedisServer(binary, cluster_port(), options=options) for _ in range(3)]
-        for node in self.nodes:
-            node.start()
-        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        _wait(
-            lambda: all("cluster_state:ok" in n.ask("CLUSTER", "INFO") for n in self.nodes),
-            30,
-            "the cluster did not come up",
-        )
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            _wait(
+                lambda: all("cluster_state:ok" in n.ask("CLUSTER", "INFO") for n in self.nodes),
+                30,
+                "the cluster did not come up",
+            )
+        except BaseException:
+            self.close()  # no server outlives a setup that failed
+            raise
 
     @property
     def port(self) -> int:

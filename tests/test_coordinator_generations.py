@@ -101,11 +101,11 @@ async def test_a_failover_to_a_replica_that_missed_writes_keeps_the_budget(
     # The replica syncs at once, not after the default 5 s wait for more replicas.
     assert primary.ask("CONFIG", "SET", "repl-diskless-sync-delay", "0").startswith("+OK")
     replica = RedisServer(primary.binary, options=("--replicaof", "127.0.0.1", str(primary.port)))
-    replica.start()
-    await wait_until(lambda: "master_link_status:up" in replica.ask("INFO", "replication"), 5)
     proxy = RedisProxy(primary.port)  # the address every guard knows
-    await proxy.start()
     try:
+        replica.start()
+        await wait_until(lambda: "master_link_status:up" in replica.ask("INFO", "replication"), 5)
+        await proxy.start()
         async with fleet(proxy.url, 2, budget=6, concurrency=6, name=unique("lossy")) as guards:
             busy, idle = guards
             load = Load(guards)
