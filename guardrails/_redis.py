@@ -1,8 +1,8 @@
-"""How guardrails talks to Redis: one way to make a client, and a pause after failures.
+"""How guardrails talks to Redis: where it is (a URL or the user's client), and pauses.
 
 Package-internal, shared by :class:`~guardrails.RedisCache` (fallback) and
 :class:`~guardrails.RedisCoordinator` (coordination); nothing here is public API.
-The ``redis`` package is optional: it is imported only when a client is made.
+The ``redis`` package is optional: it is imported only when a client is checked or made.
 """
 
 from __future__ import annotations
@@ -10,10 +10,16 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Outage", "check_url", "connect", "require", "where"]
+__all__ = ["Endpoint", "Outage", "check_url", "connect", "follow_master", "require", "where"]
+
+_CLIENTS = (
+    "redis.asyncio.Redis(...), redis.asyncio.Sentinel(...).master_for(...) or "
+    "redis.asyncio.RedisCluster(...)"
+)
 
 
 def require(user: str) -> None:
@@ -64,6 +70,119 @@ def connect(url: str, timeout: float) -> Any:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a Redis is: a URL guardrails makes its own client for, or a client the user built.
+
+    A client the user built stays the user's: guardrails never closes it, and relies on
+    its own timeouts only through ``asyncio.wait_for``.
+    """
+
+    url: str | None
+    """The URL given, or None for a client."""
+    client: Any
+    """The client given (``redis.asyncio.Redis`` or ``RedisCluster``), or None for a URL."""
+    where: str
+    """``host:port`` (or what names the server) for logs and snapshots: never a password."""
+    cluster: bool
+    """A Redis Cluster client: pub/sub is sharded, and every script's keys share a slot."""
+
+    @classmethod
+    def of(cls, target: object, user: str) -> Endpoint:
+        """Check ``target`` (a URL or an asyncio client) at construction, with no I/O."""
+        if isinstance(target, str):
+            scheme = urlsplit(target).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(
+                    f"{user} needs a Redis URL such as 'redis://127.0.0.1:6379/0' (or "
+                    f"rediss://, unix://), not one with scheme {scheme!r}; or pass a client: "
+                    f"{_CLIENTS}"
+                )
+            require(user)
+            check_url(target)
+            return cls(target, None, where(target), cluster=False)
+        require(user)
+        return cls(None, target, _client_where(target, user), cluster=_is_cluster(target))
+
+    @property
+    def owned(self) -> bool:
+        """Guardrails made the client (from the URL) and closes it."""
+        return self.client is None
+
+    @property
+    def sentinel(self) -> bool:
+        """A client of the master that Sentinels name: see :func:`follow_master`."""
+        return self.client is not None and _follows_sentinels(self.client)
+
+    def connect(self, timeout: float) -> Any:
+        """The user's client, or a new one for the URL (no I/O yet): see :func:`connect`."""
+        if self.client is not None:
+            return self.client
+        assert self.url is not None
+        return connect(self.url, timeout)
+
+
+def _follows_sentinels(client: object) -> bool:
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    pool = getattr(client, "connection_pool", None)
+    return isinstance(pool, SentinelConnectionPool) and bool(pool.is_master)
+
+
+async def follow_master(client: Any) -> None:
+    """Ask the Sentinels which server is the master now; redis-py then drops idle
+    connections to a former one.
+
+    After a failover the former master may take writes for seconds more, until the
+    Sentinels demote it: a process still writing there would keep a budget of its own.
+    """
+    if _follows_sentinels(client):
+        await client.connection_pool.get_master_address()
+
+
+def _is_cluster(client: object) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+def _client_where(client: object, user: str) -> str:
+    """Check that ``client`` is an asyncio client, and name its server for logs."""
+    import redis
+    from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    if isinstance(client, AsyncCluster):
+        nodes = getattr(getattr(client, "nodes_manager", None), "startup_nodes", None) or {}
+        first = next(iter(nodes), "")
+        return f"cluster {first}".strip()
+    if isinstance(client, AsyncRedis):
+        pool = client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            return f"sentinel service {pool.service_name}"
+        options = pool.connection_kwargs
+        if "path" in options:
+            return str(options["path"])
+        return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+    kind = type(client).__name__
+    if isinstance(client, (redis.Redis, redis.RedisCluster)):
+        raise TypeError(
+            f"{user} needs an asyncio Redis client, and redis.{kind} is synchronous (it "
+            f"would block the event loop): pass {_CLIENTS} instead"
+        )
+    if isinstance(client, (redis.Sentinel, AsyncSentinel)):
+        raise TypeError(
+            f"{user} needs the client of the master, not the Sentinel: pass "
+            "redis.asyncio.Sentinel(...).master_for('service-name')"
+        )
+    raise TypeError(
+        f"{user} takes a Redis URL such as 'redis://127.0.0.1:6379/0' or an asyncio "
+        f"client ({_CLIENTS}), not {kind}"
     )
 
 

@@ -3,7 +3,8 @@
 Configured by environment variables (set by ``tests/test_coordinator.py``):
 ``GR_DSN`` (SQLAlchemy asyncpg URL), ``GR_APP_NAME`` (application_name of its
 connections), ``GR_CONCURRENCY``, ``GR_SLEEP`` (seconds per query), and, for a
-coordinated fleet, ``GR_REDIS``, ``GR_BUDGET``, ``GR_PER_PROCESS``, ``GR_NAME``.
+coordinated fleet, ``GR_REDIS``, ``GR_BUDGET``, ``GR_PER_PROCESS``, ``GR_NAME`` and optionally
+``GR_LEASE_TTL`` (seconds, default 1) and ``GR_TIMEOUT`` (seconds per Redis call).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ if os.environ.get("GR_REDIS"):
         budget=int(os.environ["GR_BUDGET"]),
         per_process=int(os.environ["GR_PER_PROCESS"]),
         name=os.environ["GR_NAME"],
-        lease_ttl=1.0,
+        lease_ttl=float(os.environ.get("GR_LEASE_TTL", "1.0")),
+        timeout=float(os.environ.get("GR_TIMEOUT", "0.25")),
     )
 guard = gr.Guardrails(
     concurrency=CONCURRENCY,
@@ -94,8 +96,8 @@ async def stats(request: Request) -> Response:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    yield
-    await guard.aclose()
+    async with guard:  # the coordinator leases from startup on, not from the first request
+        yield
     await engine.dispose()
 
 

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
 
 import anyio
 import asyncpg
 import httpx
 import pytest
+from fleetservers import Monitor, Server, servers
+from fleetservers import server_env as fleet_env
+from fleetservers import settled as settled_servers
+from guardfleet import (
+    Load,
+    coordinator_of,
+    fleet,
+    held,
+    recorded,
+    settled,
+    sharing,
+    unique,
+    wait_until,
+)
 from pgcluster import PostgresServer, free_port
 from redis.asyncio import Redis
 from redisserver import RedisServer
@@ -31,124 +38,11 @@ from redisserver import RedisServer
 import guardrails as gr
 from guardrails.breaker import Breaker
 from guardrails.coordination.coordinator import RedisCoordinator
+from guardrails.coordination.lua import Keys
 
 pytestmark = pytest.mark.anyio
 
 TTL = 1.0
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{random.getrandbits(32):08x}"
-
-
-@asynccontextmanager
-async def fleet(
-    url: str,
-    count: int,
-    *,
-    budget: int,
-    concurrency: int,
-    name: str,
-    per_process: int | None = None,
-    breaker: gr.BreakerSettings | None = None,
-    lease_ttl: float = TTL,
-) -> AsyncIterator[list[gr.Guardrails]]:
-    """``count`` guards sharing one budget through Redis, their coordinators running."""
-    guards = [
-        gr.Guardrails(
-            concurrency=concurrency,
-            queue_timeout=5.0,
-            max_queue=1000,
-            breaker=breaker,
-            coordinator=RedisCoordinator(
-                url, budget=budget, per_process=per_process, name=name, lease_ttl=lease_ttl
-            ),
-        )
-        for _ in range(count)
-    ]
-    tasks = [asyncio.create_task(g.coordinator.start()) for g in guards]  # type: ignore[union-attr]
-    try:
-        yield guards
-    finally:
-        for guard in guards:
-            await guard.aclose()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def wait_until(check: Callable[[], bool], within: float, step: float = 0.01) -> float:
-    """Seconds until ``check()`` held; fails the test after ``within`` seconds."""
-    start = anyio.current_time()
-    with anyio.fail_after(within):
-        while not check():
-            await anyio.sleep(step)
-    return anyio.current_time() - start
-
-
-def coordinator_of(guard: gr.Guardrails) -> RedisCoordinator:
-    assert isinstance(guard.coordinator, RedisCoordinator)
-    return guard.coordinator
-
-
-def held(guard: gr.Guardrails) -> int:
-    """Slots the guard's coordinator holds on record (0 while not connected)."""
-    return int(coordinator_of(guard).snapshot()["held"] or 0)
-
-
-async def recorded(url: str, name: str) -> dict[bytes, int]:
-    """The leases on record in Redis for budget ``name``, read with a client of our own."""
-    raw = Redis.from_url(url)
-    try:
-        return {k: int(v) for k, v in (await raw.hgetall(f"guardrails:{{{name}}}:held")).items()}
-    finally:
-        await raw.aclose()
-
-
-def sharing(guards: list[gr.Guardrails], budget: int) -> bool:
-    """Every guard holds some of the budget, and together all of it."""
-    return all(held(g) > 0 for g in guards) and sum(held(g) for g in guards) == budget
-
-
-class Load:
-    """Saturating workers per guard (take a slot, hold it 20 ms, again) and the fleet's peak."""
-
-    def __init__(self, guards: list[gr.Guardrails]) -> None:
-        self.guards = guards
-        self.done = [0] * len(guards)
-        self.shed = 0
-        self.peak = 0
-        self._stopping = False
-        self._tasks = [asyncio.create_task(self._sample())]
-
-    def start(self, index: int, workers: int) -> None:
-        self._tasks += [asyncio.create_task(self._work(index)) for _ in range(workers)]
-
-    async def _work(self, index: int) -> None:
-        guard = self.guards[index]
-        while not self._stopping:
-            try:
-                async with guard.limiter.slot():
-                    await asyncio.sleep(0.02)
-            except gr.Shed:
-                self.shed += 1
-                continue
-            self.done[index] += 1
-
-    async def _sample(self) -> None:
-        while not self._stopping:
-            self.peak = max(self.peak, sum(g.limiter.in_flight for g in self.guards))
-            await asyncio.sleep(0)
-
-    async def completed_within(self, window: float) -> list[int]:
-        """Requests each guard completed during the next ``window`` seconds."""
-        before = list(self.done)
-        await asyncio.sleep(window)
-        return [after - start for after, start in zip(self.done, before, strict=True)]
-
-    async def stop(self) -> None:
-        self._stopping = True
-        await asyncio.gather(*self._tasks)
 
 
 # -- construction --------------------------------------------------------------------
@@ -258,6 +152,32 @@ async def test_two_saturated_guards_share_the_budget(redis_url: str) -> None:
         assert sum((await recorded(redis_url, name)).values()) <= 6
 
 
+async def test_a_guard_short_of_slots_asks_the_others_for_theirs(redis_url: str) -> None:
+    name = unique("ask")
+    async with fleet(redis_url, 3, budget=6, concurrency=6, name=name) as guards:
+        busy = guards[0]
+        await wait_until(lambda: settled(guards), within=5)
+        raw = Redis.from_url(redis_url)
+        pubsub = raw.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(Keys.of(name).channel)
+        load = Load(guards)
+        try:
+            load.start(0, 10)  # the idle guards hold spare slots the busy one needs
+            with anyio.fail_after(5):
+                while True:
+                    message = await pubsub.get_message(timeout=1)
+                    if message is not None and message["data"].startswith(b"need "):
+                        break
+            # Its fair share: the whole budget, as the others need none.
+            assert message["data"] == f"need 6 {coordinator_of(busy).process_id}".encode()
+            await wait_until(lambda: held(busy) == 6, within=5)
+        finally:
+            await load.stop()
+            await pubsub.aclose()
+            await raw.aclose()
+        assert load.peak <= 6
+
+
 async def test_idle_guards_neither_hold_slots_nor_shrink_the_fair_share(redis_url: str) -> None:
     # 2 busy guards and 6 idle ones: the busy ones split the budget, 8 each, not 16 / 8.
     async with fleet(redis_url, 8, budget=16, concurrency=16, name=unique("few")) as guards:
@@ -342,7 +262,8 @@ async def test_redis_unreachable_falls_back_to_per_process_and_logs_once(
 async def test_rejoins_when_redis_comes_back(redis_factory: Callable[[], RedisServer]) -> None:
     server = redis_factory()
     async with fleet(server.url, 2, budget=4, concurrency=4, per_process=1, name="back") as guards:
-        await wait_until(lambda: all(coordinator_of(g).snapshot()["connected"] for g in guards), 2)
+        # A new Redis settles first: nobody holds a slot until then, and so none while down.
+        await wait_until(lambda: settled(guards), 3)
         server.stop()
         await wait_until(lambda: all(g.limiter.limit == 1 for g in guards), within=2)
         server.start()
@@ -514,96 +435,20 @@ BUDGET = 5
 PER_PROCESS = 1
 CONCURRENCY = 6
 SERVERS = 3
-APP = Path(__file__).with_name("coordinator_app.py")
-
-
-class Server:
-    """One uvicorn process running tests/coordinator_app.py on a loopback port."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # A file, not a pipe: a server logging more than a pipe holds would block.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                f"{APP.stem}:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=APP.parent,
-            env={**os.environ, **env, "PYTHONPATH": str(APP.parent.parent)},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def stats(self, client: httpx.AsyncClient) -> dict[str, Any]:
-        reply = await client.get(f"{self.url}/stats")
-        reply.raise_for_status()
-        result: dict[str, Any] = reply.json()
-        return result
-
-    async def ready(self, client: httpx.AsyncClient) -> None:
-        with anyio.fail_after(30):
-            while True:
-                if self.process.poll() is not None:
-                    self.log.seek(0)
-                    raise RuntimeError(f"server exited: {self.log.read()[-2000:]!r}")
-                try:
-                    await self.stats(client)
-                    return
-                except httpx.TransportError:
-                    await anyio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 def server_env(
     db: PostgresServer, app_name: str, redis: RedisServer | None, name: str
 ) -> dict[str, str]:
-    env = {
-        "GR_DSN": db.dsn("asyncpg"),
-        "GR_APP_NAME": app_name,
-        "GR_CONCURRENCY": str(CONCURRENCY),
-        "GR_SLEEP": "0.1",
-        "GR_REFUSING_PORT": str(free_port()),
-    }
-    if redis is not None:
-        env |= {
-            "GR_REDIS": redis.url,
-            "GR_BUDGET": str(BUDGET),
-            "GR_PER_PROCESS": str(PER_PROCESS),
-            "GR_NAME": name,
-        }
-    return env
-
-
-@asynccontextmanager
-async def servers(envs: list[dict[str, str]]) -> AsyncIterator[list[Server]]:
-    started = [Server(env) for env in envs]
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            for server in started:
-                await server.ready(client)
-        yield started
-    finally:
-        for server in started:
-            server.stop()
+    return fleet_env(
+        db,
+        app_name,
+        redis,
+        name,
+        budget=BUDGET,
+        per_process=PER_PROCESS,
+        concurrency=CONCURRENCY,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -626,35 +471,9 @@ async def coordinated(
     """Three servers sharing a budget of 5 through Redis (their own pools hold up to 6)."""
     name = unique("fleet")
     envs = [server_env(storm_db, f"gr-fleet-{i}", fleet_redis, name) for i in range(SERVERS)]
-    async with servers(envs) as started:
+    async with servers(envs) as started, httpx.AsyncClient(timeout=10) as client:
+        await settled_servers(started, client)
         yield started
-
-
-class Monitor:
-    """Samples pg_stat_activity: queries running and connections open, from the fleet."""
-
-    def __init__(self, db: PostgresServer) -> None:
-        self.db = db
-        self.peak_active = 0
-        self.peak_open = 0
-        self.samples = 0
-
-    async def run(self, stop: anyio.Event) -> None:
-        conn = await asyncpg.connect(self.db.dsn())
-        try:
-            while not stop.is_set():
-                row = await conn.fetchrow(
-                    "SELECT count(*) FILTER (WHERE state = 'active') AS active, count(*) AS open"
-                    " FROM pg_stat_activity WHERE application_name LIKE 'gr-%'"
-                    " AND pid <> pg_backend_pid()"
-                )
-                assert row is not None
-                self.peak_active = max(self.peak_active, row["active"])
-                self.peak_open = max(self.peak_open, row["open"])
-                self.samples += 1
-                await anyio.sleep(0.005)
-        finally:
-            await conn.close()
 
 
 async def burst(fleet: list[Server], per_server: int) -> list[httpx.Response]:

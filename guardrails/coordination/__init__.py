@@ -4,5 +4,7 @@
   the parts below on the guard's event loop;
 - :mod:`~guardrails.coordination.lease`: the slots a process leases from the budget;
 - :mod:`~guardrails.coordination.shared_breaker`: the breaker state shared over Redis;
+- :mod:`~guardrails.coordination.events`: the pub/sub channel: breaker news, requests for slots;
+- :mod:`~guardrails.coordination.link`: the client, and whether Redis answers;
 - :mod:`~guardrails.coordination.lua`: the Redis keys, and the Lua scripts in ``scripts/``.
 """

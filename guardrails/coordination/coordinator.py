@@ -4,8 +4,10 @@ A background task leases slots from Redis in batches and hands them to the local
 with ``set_limit``, so requests never wait on Redis; breaker openings and recoveries go
 through Redis too. When Redis is unreachable each process falls back to its own cap.
 The parts: :mod:`~guardrails.coordination.lease` (slots),
-:mod:`~guardrails.coordination.shared_breaker` (breaker) and
-:mod:`~guardrails.coordination.lua` (keys and scripts); this module runs them.
+:mod:`~guardrails.coordination.shared_breaker` (breaker),
+:mod:`~guardrails.coordination.events` (pub/sub), :mod:`~guardrails.coordination.link`
+(the client) and :mod:`~guardrails.coordination.lua` (keys and scripts); this module
+runs them.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ import socket
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from guardrails._redis import Outage, check_url, connect, require, where
+from guardrails._redis import Endpoint
 from guardrails.budget import ConnectionBudget
-from guardrails.coordination.lease import MIN_GAP, Lease, shares
-from guardrails.coordination.lua import Keys, Scripts
+from guardrails.coordination.events import listen, publish_command
+from guardrails.coordination.lease import Grant, Lease, shares
+from guardrails.coordination.link import Link
+from guardrails.coordination.lua import Keys, text
 from guardrails.coordination.shared_breaker import SharedBreaker
 from guardrails.limiter import seconds
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
     from guardrails.guard import Guardrails
 
 __all__ = ["RedisCoordinator"]
@@ -36,7 +42,7 @@ __all__ = ["RedisCoordinator"]
 _TICK = 0.05
 """Seconds between local checks of demand and breaker state (no I/O unless needed)."""
 _RETRY_INTERVAL = 1.0
-"""Seconds between attempts to reach Redis again after it failed."""
+"""Most seconds between attempts to reach Redis again after it failed (at most ttl / 3)."""
 
 
 class RedisCoordinator:
@@ -48,6 +54,10 @@ class RedisCoordinator:
         guard = gr.Guardrails(concurrency=20, budget=None,
                               coordinator=gr.RedisCoordinator("redis://cache:6379/0",
                                                               budget=budget))
+
+    ``url`` is a Redis URL, or a ``redis.asyncio`` client of your own: ``Redis(...)``,
+    ``Sentinel(...).master_for("name")`` or ``RedisCluster(...)`` (a client you pass stays
+    yours: it is never closed here).
 
     - **Global budget**: ``budget`` slots (an int, or a
       :class:`~guardrails.budget.ConnectionBudget`'s ``app_total``) are leased to the
@@ -61,19 +71,24 @@ class RedisCoordinator:
       Redis round trip (pub/sub, with the lease renewal as a backstop); when the open
       period ends, one process (holding a Redis lock) makes the half-open trial and tells
       the others how it went.
-    - **Redis down**: every process falls back to ``per_process`` slots (default: the
-      budget's ``per_process``, else the guard's ``concurrency``) and its own breaker,
-      logs it once, and rejoins when Redis answers again. Each Redis call is cut off
-      after ``timeout`` seconds; nothing blocks the event loop.
+    - **Redis down**: every process keeps within its lease while it stands, then within
+      both its last share and ``per_process`` slots (default: the budget's
+      ``per_process``, else the guard's ``concurrency``), uses its own breaker, logs it
+      once, and rejoins when Redis answers again. Each Redis call is cut off after
+      ``timeout`` seconds; nothing blocks the event loop.
+    - **Redis forgot** (restarted empty, flushed, failed over to a replica): for one
+      ``lease_ttl`` nobody is granted more than it already uses, while every process
+      puts its use on record again; only then are slots handed out anew.
 
-    Until its first lease arrives (one round trip after the first request) a process
-    admits nobody: requests wait in the queue, so a fleet starting at once cannot
-    overrun the budget. ``name`` separates budgets sharing one Redis (one per database).
+    Until its first lease arrives (one round trip after it starts) a process admits
+    nobody: requests wait in the queue, so a fleet starting at once cannot overrun the
+    budget; if Redis has not answered within ``lease_ttl``, it falls back to
+    ``per_process``. ``name`` separates budgets sharing one Redis (one per database).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Redis | RedisCluster,
         *,
         budget: int | ConnectionBudget | None = None,
         per_process: int | None = None,
@@ -83,16 +98,9 @@ class RedisCoordinator:
         timeout: float | timedelta = 0.25,
         share_breaker: bool = True,
     ) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a Redis URL string, not {type(url).__name__}")
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, "
-                f"unix://), not one with scheme {urlsplit(url).scheme!r}"
-            )
-        require("RedisCoordinator")
-        check_url(url)
-        self.url = url
+        self._endpoint = Endpoint.of(url, "RedisCoordinator")
+        self.url = self._endpoint.url
+        """The Redis URL given, or None for a client."""
         if budget is not None and not isinstance(budget, ConnectionBudget):
             _check_slots(budget, "budget", "the number of slots all processes share")
         if per_process is not None:
@@ -132,23 +140,30 @@ class RedisCoordinator:
         self.per_process = 0
         """Slots this process uses while Redis is unreachable."""
         self.batch = 1
-        self._lease = Lease(self.process_id, self._keys, self.lease_ttl)
+        self._lease = Lease(
+            self.process_id,
+            self._keys,
+            self.lease_ttl,
+            publish=publish_command(self._endpoint.cluster),
+        )
         self._shared: SharedBreaker | None = None
         """The shared breaker, once attached with ``share_breaker``."""
-        self._client: Any = None
-        self._scripts: Scripts | None = None
-        self._outage = Outage(_RETRY_INTERVAL)
-        self._connected = False
-        self._ever_connected = False
-        self._retrying = False
-        """One call failed while connected: the next one decides whether Redis is lost."""
-        self._local = False
-        """Redis was declared lost: the local cap applies once our lease has run out."""
+        self._link = Link(
+            self._endpoint,
+            self.timeout,
+            retry_interval=min(_RETRY_INTERVAL, self.lease_ttl / 3),
+            patience=self.lease_ttl,
+        )
         self._closing = False
         self._wake: asyncio.Event | None = None
         self.renewals_total = 0
-        self.errors_total = 0
-        self._last_error: str | None = None
+        self.generations_total = 0
+        """Times Redis was seen to have forgotten the records (restart, flush, failover)."""
+
+    @property
+    def errors_total(self) -> int:
+        """Redis calls that failed (timeouts, refused connections, errors)."""
+        return self._link.errors_total
 
     @property
     def remote_opens_total(self) -> int:
@@ -174,7 +189,13 @@ class RedisCoordinator:
         # The startup window: no slot is ours until Redis says so (or proves unreachable).
         guard.limiter.set_limit(0)
         if self.share_breaker:
-            self._shared = SharedBreaker(guard.breaker, self.process_id, self._keys, self._wake_up)
+            self._shared = SharedBreaker(
+                guard.breaker,
+                self.process_id,
+                self._keys,
+                self._wake_up,
+                publish=publish_command(self._endpoint.cluster),
+            )
 
     async def start(self) -> None:
         """Lease, renew and listen until :meth:`aclose`; run by the guard on its event loop."""
@@ -182,20 +203,36 @@ class RedisCoordinator:
             return  # closed for good: a closed guard never leases again
         guard = self._require_guard()
         self._wake = asyncio.Event()
-        shared = self._shared
-        listener = (
-            asyncio.get_running_loop().create_task(
-                self._listen(shared), name="guardrails-redis-events"
-            )
-            if shared is not None
-            else None
+        link = self._link
+        events = listen(
+            lambda: link.client if link.connected else None,
+            lambda: self._lease.generation,
+            self._keys.channel,
+            sharded=self._endpoint.cluster,
+            timeout=self.timeout,
+            retry_interval=_RETRY_INTERVAL,
+            deliver=self._on_message,
+            running=lambda: not self._closing,
         )
+        listener = asyncio.get_running_loop().create_task(events, name="guardrails-redis-events")
         try:
             await self._run(guard)
         finally:
-            if listener is not None:
-                listener.cancel()
-                await asyncio.gather(listener, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    def _on_message(self, data: object) -> None:
+        """Another process's news: a request for slots ("need ..."), or the breaker's."""
+        if isinstance(data, bytes | str):
+            kind, _, rest = text(data).partition(" ")
+            if kind == "need":
+                fair, _, sender = rest.partition(" ")
+                if sender != self.process_id and fair.isdigit():
+                    self._lease.asked(int(fair))
+                    self._wake_up()
+                return
+        if self._shared is not None:
+            self._shared.on_message(data)
 
     async def aclose(self) -> None:
         """Give this process's slots back and close the Redis connections."""
@@ -207,48 +244,49 @@ class RedisCoordinator:
             # Admit nobody on slots that are about to be given back.
             guard.limiter.set_limit(0)
         self._wake_up()
-        client, self._client = self._client, None
-        if client is None:
-            return
-        if self._connected and guard is not None and self._scripts is not None:
+        link = self._link
+        if link.connected and guard is not None and link.scripts is not None:
             # Shutting down: if this fails the lease expires by itself anyway.
             with contextlib.suppress(Exception):
-                await self._lease.give_back(self._scripts, guard.limiter.in_flight, self.budget)
-        with contextlib.suppress(Exception):
-            await client.aclose()
+                await self._lease.give_back(link.scripts, guard.limiter.in_flight, self.budget)
+        await link.aclose()
 
     def snapshot(self) -> dict[str, Any]:
         """Mode, budget, slots held and wanted, processes seen, counters: as plain data."""
         guard = self._guard
         lease = self._lease
-        if self._connected:
-            mode = "shared"
-        elif self._ever_connected or self.errors_total:
+        connected = self._link.connected
+        settling = lease.settling(time.monotonic()) if connected else None
+        if connected:
+            mode = "shared" if settling is None else "settling"
+        elif self._link.ever_connected or self.errors_total:
             mode = "local"
         else:
             mode = "starting"
         return {
             "kind": "redis",
-            "redis": where(self.url),
+            "redis": self._endpoint.where,
             "name": self.name,
             "process": self.process_id,
             "mode": mode,
-            "connected": self._connected,
+            "connected": connected,
             "budget": self.budget,
             "per_process": self.per_process,
-            "held": lease.held if self._connected else None,
+            "held": lease.held if connected else None,
             "want": lease.want,
             "limit": guard.limiter.limit if guard is not None else None,
-            "processes": lease.processes if self._connected else None,
-            "fair_share": lease.fair if self._connected else None,
+            "processes": lease.processes if connected else None,
+            "fair_share": lease.fair if connected else None,
+            "settling": None if settling is None else round(settling, 3),
             "lease_ttl": self.lease_ttl,
             "batch": self.batch,
             "share_breaker": self.share_breaker,
             "trial_owner": self._shared is not None and self._shared.trial_owner,
             "renewals_total": self.renewals_total,
+            "generations_total": self.generations_total,
             "errors_total": self.errors_total,
             "remote_opens_total": self.remote_opens_total,
-            "last_error": self._last_error,
+            "last_error": self._link.last_error,
         }
 
     # -- the loop ----------------------------------------------------------------------
@@ -262,30 +300,23 @@ class RedisCoordinator:
         if self._wake is not None:
             self._wake.set()
 
-    def _connect(self) -> Scripts:
-        """Create the client and its scripts (no I/O): a failure here is an outage too."""
-        if self._scripts is None:
-            client = connect(self.url, self.timeout)
-            self._scripts = Scripts(client, self.timeout)
-            self._client = client
-        return self._scripts
-
     async def _run(self, guard: Guardrails) -> None:
         wake = self._wake
         assert wake is not None
         limiter = guard.limiter
         lease = self._lease
         shared = self._shared
+        link = self._link
         while not self._closing:
             now = time.monotonic()
             lease.note_demand(limiter)
-            if self._connected and not self._retrying:
+            if link.steady:
                 due = lease.due(now, limiter, self.timeout) or (
                     shared is not None and shared.pending is not None
                 )
             else:
-                due = self._outage.ready()
-            if self._local:
+                due = link.ready()
+            if link.lost:
                 lease.fall_back(limiter, self.per_process)
             if due:
                 try:
@@ -294,9 +325,9 @@ class RedisCoordinator:
                     raise
                 except Exception as exc:
                     self._failed(guard, exc)
-            if self._connected and not self._retrying and shared is not None:
+            if link.steady and shared is not None:
                 try:
-                    await shared.coordinate_trial(self._connect())
+                    await shared.coordinate_trial(link.open())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -307,102 +338,81 @@ class RedisCoordinator:
 
     async def _exchange(self, guard: Guardrails) -> None:
         """Tell breaker news, then renew the lease: usually one round trip in all."""
-        scripts = self._connect()
+        link = self._link
+        scripts = link.open()
+        await link.follow()
         shared = self._shared
         if shared is not None:
             await shared.tell(scripts)
         grant = await self._lease.renew(
             scripts,
             guard.limiter,
-            connected=self._connected,
+            connected=link.connected,
             budget=self.budget,
             batch=self.batch,
         )
         if self._closing:
             return  # closed meanwhile: aclose gives the lease back
-        self._retrying = False
-        self._outage.succeeded()
+        first = not link.ever_connected
+        known = self._lease.generation
         self._lease.take(grant)
         self.renewals_total += 1
-        if not self._connected:
+        if link.succeeded() and not (first and not link.errors_total):
             self._rejoined(guard)
+        if known and grant.generation != known:
+            self._forgotten(guard, grant)
         guard.limiter.set_limit(grant.grant)
         if shared is not None:
             shared.reconcile(grant.breaker_ms, grant.opening)
 
     def _failed(self, guard: Guardrails, exc: BaseException) -> None:
-        self.errors_total += 1
-        self._last_error = type(exc).__name__
-        if self._connected and not self._retrying and not self._closing:
-            # One lost reply is often a stall, not an outage, and our lease stands:
-            # ask once more soon before going local.
-            self._retrying = True
-            self._outage.failed(MIN_GAP)
+        self._lease.failed()
+        link = self._link
+        was_lost = link.lost
+        if not link.failed(exc, lease_stands=time.monotonic() < self._lease.until):
             return
-        self._lost(guard, exc)
-
-    def _lost(self, guard: Guardrails, exc: BaseException) -> None:
-        self._outage.failed()
-        self._retrying = False
         if self._closing:
             return
-        if self._connected or (not self._ever_connected and self.errors_total == 1):
+        if not was_lost:
             guard.telemetry.event(
                 "coordinator",
                 transition=True,
                 connected=False,
-                redis=where(self.url),
+                redis=self._endpoint.where,
                 level=logging.WARNING,
-                message=f"Redis at {where(self.url)} unreachable ({type(exc).__name__}): "
-                f"the local breaker, and {self.per_process} local slots once its lease runs "
-                "out, until Redis answers",
+                message=f"Redis at {self._endpoint.where} unreachable "
+                f"({type(exc).__name__}): the local breaker, and at most "
+                f"{self.per_process} local slots once its lease runs out, until Redis answers",
             )
-        self._connected = False
-        self._local = True
         if self._shared is not None:
             self._shared.lost()
         guard.breaker.hold = False
         self._lease.fall_back(guard.limiter, self.per_process)
 
     def _rejoined(self, guard: Guardrails) -> None:
-        first = not self._ever_connected
-        self._local = False
-        self._connected = True
-        self._ever_connected = True
-        if first and not self.errors_total:
-            return
         guard.telemetry.event(
             "coordinator",
             transition=True,
             connected=True,
-            redis=where(self.url),
+            redis=self._endpoint.where,
             level=logging.INFO,
-            message=f"Redis at {where(self.url)} answers again: sharing a budget of "
+            message=f"Redis at {self._endpoint.where} answers again: sharing a budget of "
             f"{self.budget} slots",
         )
 
-    async def _listen(self, shared: SharedBreaker) -> None:
-        """Hand the other processes' breaker news to ``shared`` while Redis answers."""
-        while not self._closing:
-            client = self._client
-            if client is None or not self._connected:
-                await asyncio.sleep(_TICK)
-                continue
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await asyncio.wait_for(pubsub.subscribe(self._keys.channel), self.timeout)
-                while not self._closing and self._connected:
-                    message = await pubsub.get_message(timeout=_TICK * 4)
-                    if message is not None:
-                        shared.on_message(message.get("data"))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # The lease loop notices and reports the outage; just listen again later.
-                await asyncio.sleep(_RETRY_INTERVAL)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    def _forgotten(self, guard: Guardrails, grant: Grant) -> None:
+        """Redis no longer has the records this process knew: a restart, flush or failover."""
+        self.generations_total += 1
+        guard.telemetry.event(
+            "coordinator",
+            transition=True,
+            connected=True,
+            redis=self._endpoint.where,
+            level=logging.WARNING,
+            message=f"Redis at {self._endpoint.where} lost the budget's records (restarted, "
+            f"flushed or failed over): no process is granted more than it uses for "
+            f"{grant.settling_ms / 1000:g} s, while every process records its use again",
+        )
 
 
 def _check_slots(value: object, name: str, hint: str) -> None:

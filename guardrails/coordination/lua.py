@@ -42,7 +42,11 @@ class Keys:
     trial: str
     """The half-open trial lock: the process making the trial."""
     channel: str
-    """Pub/sub channel of breaker news."""
+    """Pub/sub channel of breaker news and requests for slots (sharded on a Cluster)."""
+    generation: str
+    """Which server keeps the records, since when, and its last call: see ``lease.lua``."""
+    asked: str
+    """Set while a request for slots was published lately (one per ttl / 3)."""
 
     @classmethod
     def of(cls, name: str) -> Keys:
@@ -55,17 +59,41 @@ class Keys:
             breaker=f"{ns}:breaker",
             trial=f"{ns}:trial",
             channel=f"{ns}:events",
+            generation=f"{ns}:generation",
+            asked=f"{ns}:asked",
         )
 
     @property
     def for_lease(self) -> list[str]:
         """``KEYS`` of the lease script."""
-        return [self.leases, self.held, self.wants, self.breaker]
+        return [
+            self.leases,
+            self.held,
+            self.wants,
+            self.breaker,
+            self.generation,
+            self.channel,
+            self.asked,
+        ]
 
     @property
     def for_news(self) -> list[str]:
         """``KEYS`` of the open and close scripts."""
         return [self.breaker, self.trial, self.channel]
+
+    @property
+    def every(self) -> list[str]:
+        """Every key of the budget (one hash slot), the channel included."""
+        return [
+            self.leases,
+            self.held,
+            self.wants,
+            self.breaker,
+            self.trial,
+            self.channel,
+            self.generation,
+            self.asked,
+        ]
 
 
 class Scripts:

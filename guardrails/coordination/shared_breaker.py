@@ -44,14 +44,23 @@ class SharedBreaker:
         "opening",
         "pending",
         "process_id",
+        "publish",
         "remote_opens",
         "trial_owner",
     )
 
     def __init__(
-        self, breaker: Breaker, process_id: str, keys: Keys, wake: Callable[[], None]
+        self,
+        breaker: Breaker,
+        process_id: str,
+        keys: Keys,
+        wake: Callable[[], None],
+        *,
+        publish: str = "PUBLISH",
     ) -> None:
         self.breaker = breaker
+        self.publish = publish
+        """The command news goes out with: ``SPUBLISH`` on a Redis Cluster."""
         self.process_id = process_id
         self.keys = keys
         self._wake = wake
@@ -94,12 +103,20 @@ class SharedBreaker:
             written = await scripts.run(
                 "open",
                 self.keys.for_news,
-                [period, linger, self.process_id, "1" if kind == "reopen" else "0"],
+                [
+                    period,
+                    linger,
+                    self.process_id,
+                    "1" if kind == "reopen" else "0",
+                    self.publish,
+                ],
             )
             if written is not None:
                 self.opening = text(written)
         else:
-            await scripts.run("close", self.keys.for_news, [self.process_id, self.opening or ""])
+            await scripts.run(
+                "close", self.keys.for_news, [self.process_id, self.opening or "", self.publish]
+            )
         if self.pending == kind:
             self.pending = None
 
@@ -173,9 +190,9 @@ class SharedBreaker:
 
     def on_message(self, data: object) -> None:
         """Apply another process's news from the channel ("open <ms> <sender> <opening>")."""
-        if not isinstance(data, bytes):
-            return
-        kind, _, rest = data.decode("utf-8", "replace").partition(" ")
+        if not isinstance(data, bytes | str):
+            return  # a client with decode_responses=True hands over str
+        kind, _, rest = text(data).partition(" ")
         amount, _, rest = rest.partition(" ")
         sender, _, opening = rest.partition(" ")
         if sender == self.process_id:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from guardrails._redis import Outage, connect, require, where
+from guardrails._redis import Endpoint, Outage
 from guardrails.fallback.response import CachedResponse
 from guardrails.fallback.wire import decode_response, encode_response
 from guardrails.limiter import seconds
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["RedisCache"]
 
@@ -34,29 +38,30 @@ class RedisCache:
     seconds, and on any error a lookup is a miss and a write is dropped. The first error
     is logged once; then Redis is left alone for ``retry_interval`` seconds (calls answer
     at once without I/O) and tried again. Use it from one event loop.
+
+    ``url`` is a Redis URL, or a ``redis.asyncio`` client of your own: ``Redis(...)``,
+    ``Sentinel(...).master_for("name")`` or ``RedisCluster(...)`` (each entry is one key,
+    so any slot will do). A client you pass stays yours: it is never closed here.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Redis | RedisCluster,
         *,
         prefix: str = "guardrails:cache:",
         max_entry_bytes: int = 1 * 2**20,
         timeout: float | timedelta = 0.1,
         retry_interval: float | timedelta = 1.0,
     ) -> None:
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                "url must be a Redis URL such as 'redis://127.0.0.1:6379/0' (or rediss://, unix://)"
-            )
-        require("RedisCache")
+        self._endpoint = Endpoint.of(url, "RedisCache")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(
                 f"prefix must be a non-empty string such as 'myapp:cache:', not {prefix!r}"
             )
-        self.url = url
+        self.url = self._endpoint.url
+        """The Redis URL given, or None for a client."""
         self.prefix = prefix
-        self._where = where(url)
+        self._where = self._endpoint.where
         self._max_entry_bytes = _positive_int(
             max_entry_bytes, "max_entry_bytes", "largest response kept, e.g. 2**20"
         )
@@ -81,11 +86,13 @@ class RedisCache:
         return self._max_entry_bytes
 
     def _redis(self) -> Any:
+        if not self._endpoint.owned:
+            return self._endpoint.client
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             if self._client is not None:
                 self._drop_client(self._client, self._loop)
-            self._client = connect(self.url, self.timeout)
+            self._client = self._endpoint.connect(self.timeout)
             self._loop = loop
         return self._client
 
@@ -187,7 +194,7 @@ class RedisCache:
         client.connection_pool.reset()
 
     async def aclose(self) -> None:
-        """Close the connections to Redis (on shutdown)."""
+        """Close the connections to Redis guardrails opened (on shutdown); never the user's."""
         client, self._client = self._client, None
         if client is not None:
             try:
