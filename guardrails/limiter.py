@@ -75,8 +75,9 @@ class ConcurrencyLimiter:
       first; a caller whose expected wait, (waiters ahead + 1) x hold / slots, is
       longer than that is shed at once. The hold time is learnt from hand-offs; while
       none has been seen, nobody is shed on a guess.
-    - Controlled delay: once the queue has not been empty for ``delay_interval``, a
-      newcomer is admitted to the queue only if its expected wait is at most
+    - Controlled delay: once the queue has stayed busy for ``delay_interval`` (an
+      empty spell shorter than one hold does not count), a newcomer joins the queue
+      only if its expected wait is at most
       ``max(delay_target, delay_target_holds x hold)``, so sustained overload keeps a
       short queue while a burst that drains within the interval is absorbed whole.
       The head of the queue and critical work are exempt.
@@ -375,8 +376,14 @@ class ConcurrencyLimiter:
         self.shed_by_reason[reason] = self.shed_by_reason.get(reason, 0) + 1
         return Shed(reason, retry_after=self.retry_after)
 
-    def _shed_early(self, gate: Gate, lane: Priority, now: float, remaining: float) -> str | None:
-        """Why a caller must be shed now rather than queued, or None to queue it."""
+    def _shed_early(
+        self, gate: Gate, lane: Priority, now: float, remaining: float, reason: str
+    ) -> str | None:
+        """The reason to shed a caller now rather than queue it, or None to queue it.
+
+        ``reason`` when it would run out of its own time (``queue_timeout`` or
+        ``deadline``); ``queue_timeout`` when controlled delay shortens the queue's.
+        """
         hold = gate.hold
         slots = gate.caps[lane]
         if hold is None or slots <= 0:
@@ -384,7 +391,7 @@ class ConcurrencyLimiter:
         ahead = gate.ahead(lane)
         expected = (ahead + 1) * hold / slots
         if expected > remaining:
-            return "late"
+            return reason
         interval = self.delay_interval
         controlled = interval is not None and gate.busy_for(now) >= interval
         if gate is self._gate:
@@ -395,7 +402,7 @@ class ConcurrencyLimiter:
             and lane is not Priority.CRITICAL
             and expected > max(self.delay_target, self.delay_target_holds * hold)
         ):
-            return "controlled"
+            return "queue_timeout"
         return None
 
     async def _wait(self, gate: Gate, lane: Priority, until: float, reason: str) -> None:
@@ -403,12 +410,10 @@ class ConcurrencyLimiter:
         remaining = until - now
         if remaining <= 0:
             raise self._shed(reason)
-        early = self._shed_early(gate, lane, now, remaining)
+        early = self._shed_early(gate, lane, now, remaining, reason)
         if early is not None:
             self.early_shed_total += 1
-            # Controlled delay shortens the time the queue grants; otherwise the caller
-            # would run out of its own queue_timeout or deadline.
-            raise self._shed("queue_timeout" if early == "controlled" else reason)
+            raise self._shed(early)
         waiter = gate.enqueue(lane, now)
         if waiter is None:
             raise self._shed("queue_full")
