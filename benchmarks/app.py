@@ -152,7 +152,14 @@ def build(config: dict[str, Any]) -> Starlette:
         # Only what the config names is passed: the rest are the library's defaults.
         limiter_settings = {
             key: config[key]
-            for key in ("queue_timeout", "max_queue", "reserve_critical")
+            for key in (
+                "queue_timeout",
+                "max_queue",
+                "reserve_critical",
+                "delay_interval",
+                "delay_target",
+                "delay_target_holds",
+            )
             if key in config
         }
         guard = gr.Guardrails(

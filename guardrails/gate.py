@@ -6,6 +6,7 @@ Package-internal; :class:`~guardrails.limiter.ConcurrencyLimiter` is the public 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
@@ -69,6 +70,7 @@ class Gate:
         "busy_since",
         "caps",
         "clock",
+        "delaying",
         "emptied_at",
         "hold",
         "in_flight",
@@ -108,6 +110,8 @@ class Gate:
         self.last_handoff: float | None = None
         self.busy_since: float | None = None
         self.emptied_at: float | None = None
+        self.delaying = False
+        """Whether controlled delay is on (the limiter switches it)."""
 
     def try_take(self, lane: Priority) -> bool:
         """Take a slot without waiting, unless someone of this lane or above is queued."""
@@ -230,6 +234,17 @@ class Gate:
         if since is None or (not self.waiting and self.drained(now)):
             return 0.0
         return now - since
+
+    def empty_for(self, now: float) -> float:
+        """Seconds the queue has been empty; 0 while someone waits."""
+        emptied = self.emptied_at
+        if self.waiting or emptied is None:
+            return 0.0 if self.waiting or self.busy_since is not None else math.inf
+        return now - emptied
+
+    def end_busy_period(self) -> None:
+        """Forget the current busy period: the next waiter starts a new one."""
+        self.busy_since = None
 
     def snapshot(self) -> dict[str, Any]:
         """Occupancy as plain data (a bulkhead's entry in the limiter's snapshot)."""

@@ -111,7 +111,7 @@ class Guardrails:
         low_watermark: float = 0.75,
         delay_interval: float | timedelta | None = 1.5,
         delay_target: float | timedelta = 0.005,
-        delay_target_holds: float = 0.5,
+        delay_target_holds: float = 0.25,
         policies: Mapping[str, Policy] | None = None,
         default_policy: Policy | None = None,
         breaker: BreakerSettings | None = None,

@@ -98,7 +98,7 @@ class ConcurrencyLimiter:
         low_watermark: float = 0.75,
         delay_interval: float | timedelta | None = 1.5,
         delay_target: float | timedelta = 0.005,
-        delay_target_holds: float = 0.5,
+        delay_target_holds: float = 0.25,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -167,7 +167,6 @@ class ConcurrencyLimiter:
         """Callers shed at once because they could not be served in time (counted in
         ``shed_by_reason`` too, as ``queue_timeout`` or ``deadline``)."""
         self.shed_by_reason: dict[str, int] = {}
-        self._delaying = False
 
     def _caps(self, limit: int) -> dict[Priority, int]:
         reserve = min(self.reserve_critical, max(0, limit - 1))
@@ -216,10 +215,16 @@ class ConcurrencyLimiter:
 
     @property
     def controlled_delay(self) -> bool:
-        """Whether the queue is under controlled delay: it has stayed busy for
-        ``delay_interval``, so only short expected waits join it (as of the last caller
-        that had to wait; off while nobody waits)."""
-        return self._delaying and self._gate.waiting > 0
+        """Whether the queue is under controlled delay: it stayed busy for
+        ``delay_interval``, and has not been empty for as long since."""
+        gate = self._gate
+        if not gate.delaying or gate.waiting:
+            return gate.delaying
+        try:
+            now = self._clock()
+        except RuntimeError:  # read off the event loop: as of the last caller that waited
+            return True
+        return self._delay_on(gate, now)
 
     def bulkhead(self, name: str, max_concurrency: int) -> str:
         """Declare a sub-limit of ``max_concurrency`` slots for work named ``name``.
@@ -392,18 +397,30 @@ class ConcurrencyLimiter:
         expected = (ahead + 1) * hold / slots
         if expected > remaining:
             return reason
-        interval = self.delay_interval
-        controlled = interval is not None and gate.busy_for(now) >= interval
-        if gate is self._gate:
-            self._delaying = controlled
         if (
-            controlled
+            self._delay_on(gate, now)
             and ahead
             and lane is not Priority.CRITICAL
             and expected > max(self.delay_target, self.delay_target_holds * hold)
         ):
             return "queue_timeout"
         return None
+
+    def _delay_on(self, gate: Gate, now: float) -> bool:
+        """Switch controlled delay on or off for ``gate`` as of ``now``; whether it is on."""
+        interval = self.delay_interval
+        if interval is None:
+            return False
+        if gate.delaying:
+            # A short controlled queue runs dry for moments while the overload goes on
+            # (arrivals then take a free slot without queueing): only an empty queue
+            # for a whole interval ends it.
+            if gate.empty_for(now) >= interval:
+                gate.delaying = False
+                gate.end_busy_period()
+        elif gate.busy_for(now) >= interval:
+            gate.delaying = True
+        return gate.delaying
 
     async def _wait(self, gate: Gate, lane: Priority, until: float, reason: str) -> None:
         now = self._clock()

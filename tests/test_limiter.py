@@ -641,8 +641,8 @@ async def test_a_caller_that_would_wait_past_its_queue_timeout_or_deadline_is_sh
 
 async def test_controlled_delay_starts_when_the_queue_has_not_drained_for_the_interval() -> None:
     clock = FakeClock()
-    # Target max(0.005, 0.5 x 80) = 40 s: under controlled delay only the head and the
-    # next (expected 40 s) may queue, and critical work whatever is ahead.
+    # Target max(0.005, 0.25 x 80) = 20 s: under controlled delay a newcomer may queue
+    # only as the head (exempt, though it expects 40 s) or as critical work.
     limiter = ConcurrencyLimiter(2, queue_timeout=1000, delay_interval=200, clock=clock)
     async with anyio.create_task_group() as tg:
         callers = Callers(limiter, tg)
@@ -651,7 +651,7 @@ async def test_controlled_delay_starts_when_the_queue_has_not_drained_for_the_in
         await callers.arrive("n1", "n2", "n3")  # 40, 80, 120 s: all within the timeout
         assert (limiter.queued, limiter.controlled_delay) == (3, False)
         clock.now = 200.0
-        await callers.arrive("n4")  # expected 160 s > 40 s
+        await callers.arrive("n4")  # expected 160 s > 20 s
         await callers.arrive("c1", "c2", priority=Priority.CRITICAL)  # exempt
         assert callers.shed() == {"n4": "queue_timeout"}
         assert (limiter.queued, limiter.controlled_delay) == (5, True)
@@ -661,7 +661,7 @@ async def test_controlled_delay_starts_when_the_queue_has_not_drained_for_the_in
     assert (limiter.in_flight, limiter.queued) == (0, 0)
 
 
-async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_a_hold() -> None:
+async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_the_interval() -> None:
     clock = FakeClock()
     # Target max(0.005, 0.25 x hold): 20 s while the hold is 80 s.
     limiter = ConcurrencyLimiter(
@@ -670,7 +670,7 @@ async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_a_hold(
     async with anyio.create_task_group() as tg:
         callers = Callers(limiter, tg)
         await _learn_a_hold_of_80(callers, clock)  # busy since t=0, empty since t=40
-        clock.now = 60.0
+        clock.now = 60.0  # empty for less than a hold: the same busy period
         await callers.arrive("head", "second")
         clock.now = 80.0
         await callers.release("w1")  # head gets the slot; 40 x 2 = 80
@@ -680,19 +680,26 @@ async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_a_hold(
         clock.now = 120.0
         await callers.release("w2")  # second gets the slot; 40 x 2 = 80
         assert (limiter.queued, limiter.hold_estimate) == (0, 80.0)
-        clock.now = 180.0  # empty for 60 s, less than a hold: the busy period goes on
+        clock.now = 180.0
         await callers.arrive("a", "b")  # a is the head (40 s, exempt), b would wait 80 s
         assert callers.shed()["b"] == "queue_timeout"
-        assert limiter.controlled_delay
         await callers.release("head")  # a gets the slot: 60 x 2 = 120, the mean 90
         assert (limiter.queued, limiter.hold_estimate) == (0, 90.0)
-        assert not limiter.controlled_delay  # nobody waits
-        clock.now = 270.0  # empty for a whole hold: drained
-        await callers.arrive("x", "y", "z")  # 45, 90, 135 s: the full queue timeout again
+        assert limiter.controlled_delay  # nobody waits, but only for a moment
+        clock.now = 270.0  # empty for a whole hold, yet less than the interval: still on
+        await callers.arrive("x", "y")  # x is the head; y would wait 90 s > 22.5 s
+        assert callers.shed()["y"] == "queue_timeout"
+        await callers.release("a")  # x gets the slot: 90 x 2 = 180, the mean 108
+        assert (limiter.queued, limiter.hold_estimate) == (0, 108.0)
+        clock.now = 369.0
+        assert limiter.controlled_delay
+        clock.now = 370.0  # empty for the interval: over
+        assert not limiter.controlled_delay
+        await callers.arrive("p", "q", "r")  # 54, 108, 162 s: the full queue timeout again
         assert (limiter.queued, limiter.controlled_delay) == (3, False)
-        assert limiter.snapshot()["early_shed_total"] == 2
+        assert limiter.snapshot()["early_shed_total"] == 3
         await callers.release_all()
-    assert sorted(callers.shed()) == ["b", "third"]
+    assert sorted(callers.shed()) == ["b", "third", "y"]
     assert (limiter.in_flight, limiter.queued) == (0, 0)
 
 
