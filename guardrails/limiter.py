@@ -78,9 +78,10 @@ class ConcurrencyLimiter:
     - Controlled delay: once the queue has stayed busy for ``delay_interval`` (an
       empty spell shorter than one hold does not count), a newcomer joins the queue
       only if its expected wait is at most
-      ``max(delay_target, delay_target_holds x hold)``, so sustained overload keeps a
-      short queue while a burst that drains within the interval is absorbed whole.
-      The head of the queue and critical work are exempt.
+      ``max(delay_target, delay_target_holds x hold)``, until the queue has been
+      empty for half the interval. Sustained overload keeps a short queue, while a
+      burst that drains within the interval is absorbed whole. The head of the
+      queue and critical work are exempt.
     - Bulkheads (:meth:`bulkhead`) cap one kind of work inside the global limit.
 
     Accounting is exact under cancellation: a waiter cancelled at the moment it is
@@ -216,7 +217,7 @@ class ConcurrencyLimiter:
     @property
     def controlled_delay(self) -> bool:
         """Whether the queue is under controlled delay: it stayed busy for
-        ``delay_interval``, and has not been empty for as long since."""
+        ``delay_interval``, and has not been empty for half as long since."""
         gate = self._gate
         if not gate.delaying or gate.waiting:
             return gate.delaying
@@ -412,10 +413,12 @@ class ConcurrencyLimiter:
         if interval is None:
             return False
         if gate.delaying:
-            # A short controlled queue runs dry for moments while the overload goes on
-            # (arrivals then take a free slot without queueing): only an empty queue
-            # for a whole interval ends it.
-            if gate.empty_for(now) >= interval:
+            # A short controlled queue runs dry for moments while the overload goes on:
+            # after a stall, slots come back together and arrivals take them without
+            # queueing, for about slots / (arrival rate - service rate). Starting over
+            # costs a queue that grows at that same excess rate for a whole interval,
+            # so a spell shorter than half the interval is not taken for the end.
+            if gate.empty_for(now) >= interval / 2:
                 gate.delaying = False
                 gate.end_busy_period()
         elif gate.busy_for(now) >= interval:

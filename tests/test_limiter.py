@@ -661,45 +661,66 @@ async def test_controlled_delay_starts_when_the_queue_has_not_drained_for_the_in
     assert (limiter.in_flight, limiter.queued) == (0, 0)
 
 
-async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_the_interval() -> None:
+async def test_controlled_delay_ends_only_when_the_queue_stays_empty_for_half_the_interval() -> (
+    None
+):
     clock = FakeClock()
-    # Target max(0.005, 0.25 x hold): 20 s while the hold is 80 s.
-    limiter = ConcurrencyLimiter(
-        2, queue_timeout=1000, delay_interval=100, delay_target_holds=0.25, clock=clock
-    )
+    # Target max(0.005, 0.25 x 80) = 20 s: the head alone may queue.
+    limiter = ConcurrencyLimiter(2, queue_timeout=1000, delay_interval=200, clock=clock)
     async with anyio.create_task_group() as tg:
         callers = Callers(limiter, tg)
         await _learn_a_hold_of_80(callers, clock)  # busy since t=0, empty since t=40
-        clock.now = 60.0  # empty for less than a hold: the same busy period
-        await callers.arrive("head", "second")
-        clock.now = 80.0
-        await callers.release("w1")  # head gets the slot; 40 x 2 = 80
-        clock.now = 100.0
-        await callers.arrive("third")  # 80 s > 20 s
-        assert callers.shed() == {"third": "queue_timeout"}
-        clock.now = 120.0
-        await callers.release("w2")  # second gets the slot; 40 x 2 = 80
+        clock.now = 60.0
+        await callers.arrive("h1", "h2", "h3")  # 40, 80, 120 s: no controlled delay yet
+        for now, leaving in ((80.0, "w1"), (120.0, "w2"), (160.0, "h1")):
+            clock.now = now
+            await callers.release(leaving)  # every 40 s with two slots busy: hold 80
         assert (limiter.queued, limiter.hold_estimate) == (0, 80.0)
-        clock.now = 180.0
-        await callers.arrive("a", "b")  # a is the head (40 s, exempt), b would wait 80 s
-        assert callers.shed()["b"] == "queue_timeout"
-        await callers.release("head")  # a gets the slot: 60 x 2 = 120, the mean 90
-        assert (limiter.queued, limiter.hold_estimate) == (0, 90.0)
-        assert limiter.controlled_delay  # nobody waits, but only for a moment
-        clock.now = 270.0  # empty for a whole hold, yet less than the interval: still on
-        await callers.arrive("x", "y")  # x is the head; y would wait 90 s > 22.5 s
-        assert callers.shed()["y"] == "queue_timeout"
-        await callers.release("a")  # x gets the slot: 90 x 2 = 180, the mean 108
-        assert (limiter.queued, limiter.hold_estimate) == (0, 108.0)
-        clock.now = 369.0
+        clock.now = 200.0  # busy since t=0 (empty only for 40 s, under a hold)
+        await callers.arrive("a", "b")  # a is the head (exempt); b would wait 80 s
+        assert callers.shed() == {"b": "queue_timeout"}
+        await callers.release("h2")  # a gets the slot; the queue is empty from t=200
         assert limiter.controlled_delay
-        clock.now = 370.0  # empty for the interval: over
+        clock.now = 290.0  # empty for longer than a hold, but not half the interval
+        await callers.arrive("x", "y")
+        assert callers.shed()["y"] == "queue_timeout"
+        clock.now = 300.0
+        await callers.release("h3")  # x gets the slot: 100 x 2 = 200, the mean 100
+        assert (limiter.queued, limiter.hold_estimate) == (0, 100.0)
+        clock.now = 399.0
+        assert limiter.controlled_delay
+        clock.now = 400.0  # empty for half the interval: over
         assert not limiter.controlled_delay
-        await callers.arrive("p", "q", "r")  # 54, 108, 162 s: the full queue timeout again
+        await callers.arrive("p", "q", "r")  # 50, 100, 150 s: the full queue timeout
         assert (limiter.queued, limiter.controlled_delay) == (3, False)
-        assert limiter.snapshot()["early_shed_total"] == 3
+        assert limiter.snapshot()["early_shed_total"] == 2
         await callers.release_all()
-    assert sorted(callers.shed()) == ["b", "third", "y"]
+    assert sorted(callers.shed()) == ["b", "y"]
+    assert (limiter.in_flight, limiter.queued) == (0, 0)
+
+
+async def test_after_controlled_delay_ends_it_takes_a_new_interval_to_start_again() -> None:
+    clock = FakeClock()
+    # Holds of 80 s and an interval of 100 s: controlled delay ends after 50 s of empty
+    # queue, before the queue counts as drained (a hold): the busy period ends with it.
+    limiter = ConcurrencyLimiter(2, queue_timeout=1000, delay_interval=100, clock=clock)
+    async with anyio.create_task_group() as tg:
+        callers = Callers(limiter, tg)
+        await _learn_a_hold_of_80(callers, clock)
+        clock.now = 60.0
+        await callers.arrive("h1", "h2")
+        clock.now = 80.0
+        await callers.release("w1")
+        clock.now = 100.0
+        await callers.arrive("c")  # busy for the interval: 80 s > 20 s
+        assert callers.shed() == {"c": "queue_timeout"}
+        clock.now = 120.0
+        await callers.release("w2")  # the queue is empty from t=120
+        clock.now = 170.0
+        await callers.arrive("n1", "n2", "n3")  # 40, 80, 120 s
+        assert (limiter.queued, limiter.controlled_delay) == (3, False)
+        await callers.release_all()
+    assert callers.shed() == {"c": "queue_timeout"}
     assert (limiter.in_flight, limiter.queued) == (0, 0)
 
 
