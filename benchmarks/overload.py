@@ -121,6 +121,9 @@ def _sustained(app: h.Server, args: argparse.Namespace) -> dict[str, Any]:
     figures["ok_max"] = max(_ok(outcomes), default=math.nan)
     figures["past_deadline"] = sum(1 for o in outcomes if o.latency > DEADLINE)
     figures["limiter"] = stats.get("limiter")
+    # The server's own event-loop lag: a stall of the shared machine shows here, in
+    # whichever server it hit.
+    figures["server_lag_p99"] = h.percentile(stats["lag"], 0.99)
     return figures
 
 
@@ -279,6 +282,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{burst.get('shed', '-')} of {burst.get('sent', '-')}",
                 h.ms(burst.get("ok_p99", math.nan)),
                 f"{r['pool_hold_mean'] * 1000:.1f}",
+                h.ms(r.get("server_lag_p99", math.nan)),
             ]
         )
     headers = [
@@ -294,6 +298,7 @@ def markdown(results: dict[str, Any]) -> str:
         "burst 503",
         "burst 2xx p99 ms",
         "pool hold ms",
+        "server loop lag p99 ms",
     ]
     parts = [
         f"Sustained: {results['rate']:.0f} requests/s for {results['duration']:.0f} s "

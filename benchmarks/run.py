@@ -142,7 +142,8 @@ more into the run, the steady state. *other / no answer*: anything but 200 or 50
 including requests the client gave up on after 8 s. *burst*: once the server is idle
 again, a second at half capacity, then one at 1.5x capacity; *burst 503* counts 503s
 among the burst's requests. *pool hold*: mean time a connection was checked out per
-request (checkout to checkin events). The priorities table sends logins
+request (checkout to checkin events). *server loop lag*: how late a 10 ms sleep in the
+server woke up; a stall of the shared machine shows there. The priorities table sends logins
 (`Policy(priority="critical")`) alone, then beside normal traffic at 3x capacity and
 reports (`priority="low"`) at 1x, all on the same five slots.""",
     "outage": """\
@@ -186,11 +187,11 @@ NOTES = """\
 - **Overload latency and bursts.** guardrails sheds at once a request whose expected
   wait (waiters ahead x hold / slots, with the hold learnt from hand-offs) is longer
   than its queue timeout, and once its queue has not drained for `delay_interval`
-  (1.5 s) it admits only waits up to half a hold (controlled delay): the first
-  seconds of a sustained overload can wait up to the queue timeout, the steady state
-  waits about half a hold. A 1 s burst drains within the interval and is absorbed
-  whole; a limit with no queue (uvicorn) or a short wait (the 250 ms semaphore)
-  sheds part of it.
+  (1.5 s) it admits only waits up to a quarter of a hold (controlled delay): the
+  first seconds of a sustained overload can wait up to the queue timeout, the
+  steady state waits a fraction of a hold. A 1 s burst drains within the interval
+  and is absorbed whole; a limit with no queue (uvicorn) or a short wait (the 250 ms
+  semaphore) sheds part of it.
 - **Overload shed p99.** A shed costs microseconds in process (the shed row of the
   overhead table); over HTTP, at 300 sheds a second on two cores shared with
   PostgreSQL and the load generator, its p99 moves between about 3 and 20 ms from run
