@@ -1,7 +1,9 @@
 """The unit a limiter and each of its bulkheads are made of: slots, priority lanes with
-FIFO queues, and what the queue learns about how fast slots turn over.
+FIFO queues, what the queue learns about how fast slots turn over, and the permit that
+gives a slot back.
 
-Package-internal; :class:`~guardrails.limiter.ConcurrencyLimiter` is the public face.
+:class:`~guardrails.limiter.ConcurrencyLimiter` is the public face; ``Priority`` and
+``Permit`` are public through it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["LANES", "Gate", "Priority", "Waiter"]
+__all__ = ["LANES", "Gate", "Permit", "Priority", "Waiter"]
 
 
 class Priority(str, Enum):
@@ -249,3 +251,31 @@ class Gate:
     def snapshot(self) -> dict[str, Any]:
         """Occupancy as plain data (a bulkhead's entry in the limiter's snapshot)."""
         return {"limit": self.limit, "in_flight": self.in_flight, "queued": self.waiting}
+
+
+class Permit:
+    """A granted slot. ``release()`` gives it back; calling it again does nothing."""
+
+    __slots__ = ("_bulkhead", "_gate", "_released", "priority", "waited")
+
+    def __init__(self, gate: Gate, bulkhead: Gate | None, priority: Priority, waited: bool) -> None:
+        self._gate = gate
+        self._bulkhead = bulkhead
+        self._released = False
+        self.priority = priority
+        self.waited = waited
+        """True when the caller queued before it was admitted."""
+
+    @property
+    def released(self) -> bool:
+        """Whether the slot has been given back."""
+        return self._released
+
+    def release(self) -> None:
+        """Give the slot back (idempotent, so every exit path may call it)."""
+        if self._released:
+            return
+        self._released = True
+        self._gate.release()
+        if self._bulkhead is not None:
+            self._bulkhead.release()

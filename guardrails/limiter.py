@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from guardrails.errors import Shed
-from guardrails.gate import LANES, Gate, Priority
+from guardrails.gate import LANES, Gate, Permit, Priority
 
 __all__ = ["ConcurrencyLimiter", "Permit", "Priority"]
 
@@ -30,34 +30,6 @@ def seconds(value: float | timedelta, name: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
-
-
-class Permit:
-    """A granted slot. ``release()`` gives it back; calling it again does nothing."""
-
-    __slots__ = ("_bulkhead", "_gate", "_released", "priority", "waited")
-
-    def __init__(self, gate: Gate, bulkhead: Gate | None, priority: Priority, waited: bool) -> None:
-        self._gate = gate
-        self._bulkhead = bulkhead
-        self._released = False
-        self.priority = priority
-        self.waited = waited
-        """True when the caller queued before it was admitted."""
-
-    @property
-    def released(self) -> bool:
-        """Whether the slot has been given back."""
-        return self._released
-
-    def release(self) -> None:
-        """Give the slot back (idempotent, so every exit path may call it)."""
-        if self._released:
-            return
-        self._released = True
-        self._gate.release()
-        if self._bulkhead is not None:
-            self._bulkhead.release()
 
 
 class ConcurrencyLimiter:
