@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from guardrails.errors import Shed
 from guardrails.gate import LANES, Gate, Permit, Priority
@@ -400,15 +401,15 @@ class ConcurrencyLimiter:
     async def _wait(self, gate: Gate, lane: Priority, until: float, reason: str) -> None:
         now = self._clock()
         remaining = until - now
-        if remaining <= 0:
-            raise self._shed(reason)
-        early = self._shed_early(gate, lane, now, remaining, reason)
-        if early is not None:
-            self.early_shed_total += 1
-            raise self._shed(early)
-        waiter = gate.enqueue(lane, now)
+        early = reason if remaining <= 0 else self._shed_early(gate, lane, now, remaining, reason)
+        waiter = gate.enqueue(lane, now) if early is None else None
         if waiter is None:
-            raise self._shed("queue_full")
+            # Shed without waiting, yet a checkpoint: a caller that retries in a loop
+            # must let the tasks holding the slots run.
+            await anyio.lowlevel.checkpoint()
+            if early is not None and remaining > 0:
+                self.early_shed_total += 1
+            raise self._shed("queue_full" if early is None else early)
         try:
             with anyio.move_on_after(remaining):
                 await waiter.event.wait()

@@ -100,6 +100,25 @@ async def test_max_queue_zero_means_no_waiting() -> None:
     assert limiter.in_flight == 0
 
 
+async def test_a_caller_shed_at_once_still_lets_other_tasks_run() -> None:
+    # A caller that retries in a loop on Shed must not starve the tasks holding the
+    # slots: acquire() is a checkpoint even when it sheds without waiting.
+    limiter = ConcurrencyLimiter(1, max_queue=0)
+    held = await limiter.acquire()
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other task")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        with pytest.raises(Shed, match="queue_full"):
+            await limiter.acquire()
+        assert ran == ["other task"]
+    held.release()
+    assert limiter.in_flight == 0
+
+
 async def test_waiter_gives_up_after_queue_timeout() -> None:
     limiter = ConcurrencyLimiter(1, queue_timeout=timedelta(milliseconds=50))
     async with limiter.slot():
