@@ -1,12 +1,15 @@
-"""The app the load benchmarks put under uvicorn: one slow query on a real pool, three ways.
+"""The app the load benchmarks put under uvicorn: one slow query on a real pool, four ways.
 
 ``bare`` has no protection (SQLAlchemy's own pool queue, 30 s pool timeout), ``semaphore``
 is the usual hand-written ``BaseHTTPMiddleware`` with an ``asyncio.Semaphore`` and a wait
-timeout, ``guardrails`` is ``GuardrailsMiddleware``. Run as a child process: it reads its
-config as one JSON line on stdin, prints its port, and stops when stdin closes.
+timeout, ``uvicorn`` is uvicorn's own ``--limit-concurrency``, ``guardrails`` is
+``GuardrailsMiddleware``. Run as a child process: it reads its config as one JSON line on
+stdin, prints its port, and stops when stdin closes.
 
-Routes: ``/query`` (``pg_sleep``), ``/trivial`` (no database), ``/stats`` (pool events,
-breaker state, event-loop lag samples), ``/stats/reset``.
+Routes: ``/query`` (``pg_sleep``), ``/login`` and ``/reports`` (the same query; for
+guardrails ``critical`` and ``low`` priority), ``/trivial`` (no database), ``/stats``
+(pool events, requests in the handler, breaker state, limiter, event-loop lag
+samples), ``/stats/reset``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class Stats:
     """Counters the benchmark reads back: pool use by breaker state, and loop lag."""
 
     def __init__(self) -> None:
+        self.active = 0
+        """Requests inside a database handler now (a reset does not forget them)."""
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +88,7 @@ class Stats:
             "checkouts": self.checkouts,
             "connects": self.connects,
             "transitions": self.transitions,
+            "active": self.active,
         }
         if lists:
             data["holds"] = self.holds[-20_000:]
@@ -92,7 +98,15 @@ class Stats:
             data["breaker"] = snapshot["breaker"]["state"]
             data["limiter"] = {
                 key: snapshot["limiter"].get(key)
-                for key in ("in_flight", "queued", "shed_total", "shed_by_reason")
+                for key in (
+                    "in_flight",
+                    "queued",
+                    "shed_total",
+                    "shed_by_reason",
+                    "early_shed_total",
+                    "hold_estimate",
+                    "controlled_delay",
+                )
             }
         return data
 
@@ -130,13 +144,29 @@ def build(config: dict[str, Any]) -> Starlette:
                     await conn.close()
 
             probe = ping
-        policies = {}
+        deadline = config.get("deadline")
+        policies = {
+            "/login": gr.Policy(priority="critical", timeout=deadline),
+            "/reports": gr.Policy(priority="low", timeout=deadline),
+        }
         if config.get("stale"):
-            policies["/query"] = gr.Policy(stale_ttl=600, timeout=config.get("deadline"))
+            policies["/query"] = gr.Policy(stale_ttl=600, timeout=deadline)
+        # Only what the config names is passed: the rest are the library's defaults.
+        limiter_settings = {
+            key: config[key]
+            for key in (
+                "queue_timeout",
+                "max_queue",
+                "reserve_critical",
+                "delay_interval",
+                "delay_target",
+                "delay_target_holds",
+            )
+            if key in config
+        }
         guard = gr.Guardrails(
             concurrency=config.get("concurrency", 5),
-            queue_timeout=config.get("queue_timeout", 1.0),
-            max_queue=config.get("max_queue", 64),
+            **limiter_settings,
             default_policy=gr.Policy(timeout=config.get("deadline")),
             policies=policies,
             breaker=gr.BreakerSettings(
@@ -169,8 +199,12 @@ def build(config: dict[str, Any]) -> Starlette:
 
     async def slow(request: Request) -> Response:
         _bump(stats.handler_calls, state())
-        async with engine.connect() as conn:
-            await conn.execute(query)
+        stats.active += 1
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(query)
+        finally:
+            stats.active -= 1
         return JSONResponse({"ok": True})
 
     @gr.policy(exempt=True)
@@ -223,11 +257,13 @@ def build(config: dict[str, Any]) -> Starlette:
                 timeout=config.get("queue_timeout", 1.0),
             )
         )
-    elif variant != "bare":
-        raise SystemExit(f"unknown variant {variant!r}: use bare, semaphore or guardrails")
+    elif variant not in ("bare", "uvicorn"):
+        raise SystemExit(f"unknown variant {variant!r}: use bare, semaphore, uvicorn or guardrails")
     return Starlette(
         routes=[
             Route("/query", slow),
+            Route("/login", slow),
+            Route("/reports", slow),
             Route("/trivial", trivial),
             Route("/stats", read_stats),
             Route("/stats/reset", reset_stats),
@@ -248,6 +284,8 @@ def main() -> None:
             lifespan="on",
             timeout_graceful_shutdown=1,
             backlog=8192,
+            # uvicorn's own limit (--limit-concurrency): 503 beyond N connections or tasks.
+            limit_concurrency=config.get("limit_concurrency"),
         )
     )
     serve_child(server)

@@ -90,6 +90,9 @@ class Guardrails:
         max_queue: int = 64,
         reserve_critical: int | None = None,
         low_watermark: float = 0.75,
+        delay_interval: float | timedelta | None = 1.5,
+        delay_target: float | timedelta = 0.005,
+        delay_target_holds: float = 0.25,
         policies: Mapping[str, Policy] | None = None,
         default_policy: Policy | None = None,
         breaker: BreakerSettings | None = None,
@@ -120,6 +123,9 @@ class Guardrails:
             queue_timeout=queue_timeout,
             reserve_critical=reserve_critical,
             low_watermark=low_watermark,
+            delay_interval=delay_interval,
+            delay_target=delay_target,
+            delay_target_holds=delay_target_holds,
         )
         if default_policy is not None and not isinstance(default_policy, Policy):
             raise TypeError(f"default_policy must be a guardrails Policy, not {default_policy!r}")

@@ -1,4 +1,5 @@
-"""Admission control: a fixed number of slots, priority lanes, a bounded FIFO queue, deadlines.
+"""Admission control: slots, work-conserving priority lanes, a queue that absorbs bursts
+but sheds at once what it could not serve in time, and controlled delay under overload.
 
 Knows nothing of HTTP. A caller asks for a slot, gets a :class:`Permit` or a
 :class:`~guardrails.errors.Shed`, and gives the slot back with ``Permit.release()``.
@@ -7,36 +8,18 @@ Knows nothing of HTTP. A caller asks for a slot, gets a :class:`Permit` or a
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from enum import Enum
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from guardrails.errors import Shed
+from guardrails.gate import LANES, Gate, Permit, Priority
 
 __all__ = ["ConcurrencyLimiter", "Permit", "Priority"]
-
-
-class Priority(str, Enum):
-    """Admission lane of a request; the value is the string users write in a policy."""
-
-    CRITICAL = "critical"
-    """May use every slot and is served before anything else in the queue."""
-    NORMAL = "normal"
-    """Leaves ``reserve_critical`` slots free for critical work."""
-    LOW = "low"
-    """Admitted only below the low watermark; the first to be shed."""
-
-
-_LANES = (Priority.CRITICAL, Priority.NORMAL, Priority.LOW)
-
-
-def _default_reserve(limit: int) -> int:
-    return max(1, limit // 10) if limit >= 4 else 0
 
 
 def seconds(value: float | timedelta, name: str) -> float:
@@ -50,148 +33,33 @@ def seconds(value: float | timedelta, name: str) -> float:
     return float(value)
 
 
-class _Waiter:
-    """One caller waiting for a slot; lives in exactly one lane queue while ``queued``."""
-
-    __slots__ = ("event", "evicted", "granted", "lane", "queued")
-
-    def __init__(self, lane: Priority) -> None:
-        self.lane = lane
-        self.event = anyio.Event()
-        self.granted = False
-        self.evicted = False
-        self.queued = True
-
-
-class _Gate:
-    """Slots with per-lane caps and FIFO lane queues; the unit both the limiter and a
-    bulkhead are made of.
-
-    Caps are nested (low <= normal <= critical) so the head of the most important
-    non-empty lane decides alone whether anyone can be granted: O(1) per grant.
-    """
-
-    __slots__ = ("caps", "in_flight", "limit", "max_queue", "name", "queues", "waiting")
-
-    def __init__(self, name: str, limit: int, caps: dict[Priority, int], max_queue: int) -> None:
-        self.name = name
-        self.limit = limit
-        self.caps = caps
-        self.max_queue = max_queue
-        self.in_flight = 0
-        self.waiting = 0
-        # OrderedDict gives O(1) removal of a waiter that times out mid-queue.
-        self.queues: dict[Priority, OrderedDict[_Waiter, None]] = {
-            lane: OrderedDict() for lane in _LANES
-        }
-
-    def try_take(self, lane: Priority) -> bool:
-        """Take a slot without waiting, unless someone of this lane or above is queued."""
-        if self.in_flight >= self.caps[lane]:
-            return False
-        if self.waiting:
-            for other in _LANES:
-                if self.queues[other]:
-                    return False
-                if other is lane:
-                    break
-        self.in_flight += 1
-        return True
-
-    def enqueue(self, lane: Priority) -> _Waiter | None:
-        """Queue a waiter; ``None`` when the queue is full and nobody could be evicted."""
-        if self.waiting >= self.max_queue and not (lane is not Priority.LOW and self._evict_low()):
-            return None
-        waiter = _Waiter(lane)
-        self.queues[lane][waiter] = None
-        self.waiting += 1
-        return waiter
-
-    def _evict_low(self) -> bool:
-        low = self.queues[Priority.LOW]
-        if not low:
-            return False
-        # The newest low waiter has the least sunk wait; the older ones keep their turn.
-        waiter, _ = low.popitem(last=True)
-        waiter.queued = False
-        waiter.evicted = True
-        self.waiting -= 1
-        waiter.event.set()
-        return True
-
-    def forget(self, waiter: _Waiter) -> None:
-        if waiter.queued:
-            waiter.queued = False
-            del self.queues[waiter.lane][waiter]
-            self.waiting -= 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        if self.waiting:
-            self._grant()
-
-    def _grant(self) -> None:
-        while self.waiting:
-            for lane in _LANES:
-                queue = self.queues[lane]
-                if queue:
-                    break
-            if self.in_flight >= self.caps[lane]:
-                return
-            waiter, _ = queue.popitem(last=False)
-            waiter.queued = False
-            waiter.granted = True
-            self.waiting -= 1
-            self.in_flight += 1
-            waiter.event.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"limit": self.limit, "in_flight": self.in_flight, "queued": self.waiting}
-
-
-class Permit:
-    """A granted slot. ``release()`` gives it back; calling it again does nothing."""
-
-    __slots__ = ("_bulkhead", "_gate", "_released", "priority", "waited")
-
-    def __init__(
-        self, gate: _Gate, bulkhead: _Gate | None, priority: Priority, waited: bool
-    ) -> None:
-        self._gate = gate
-        self._bulkhead = bulkhead
-        self._released = False
-        self.priority = priority
-        self.waited = waited
-        """True when the caller queued before it was admitted."""
-
-    @property
-    def released(self) -> bool:
-        """Whether the slot has been given back."""
-        return self._released
-
-    def release(self) -> None:
-        """Give the slot back (idempotent, so every exit path may call it)."""
-        if self._released:
-            return
-        self._released = True
-        self._gate.release()
-        if self._bulkhead is not None:
-            self._bulkhead.release()
-
-
 class ConcurrencyLimiter:
     """Caps concurrent work at ``limit`` slots, queues briefly, and sheds the excess fast.
 
-    - ``max_queue`` callers may wait; beyond that a caller is shed at once
-      (a waiting ``low`` caller is evicted first to make room for more important work).
-    - A waiter gives up after ``queue_timeout`` or at its own deadline, whichever is first.
-    - ``critical`` may use every slot and is served first; ``normal`` leaves
-      ``reserve_critical`` slots free; ``low`` is admitted only while fewer than
-      ``low_watermark`` x ``limit`` slots are busy.
+    - Lanes are work-conserving: ``normal`` work may use every slot while nothing more
+      important waits; ``critical`` work is served first, taking the next free slot
+      (``reserve_critical=N`` keeps N slots idle for it instead, at a cost in
+      throughput); ``low`` work is admitted only while fewer than ``low_watermark`` x
+      ``limit`` slots are busy, and is the first to be shed.
+    - ``max_queue`` callers may wait; beyond that a caller is shed at once (a waiting
+      ``low`` caller is evicted first to make room for more important work, and
+      ``critical`` work may go ``limit`` places beyond ``max_queue``).
+    - A waiter gives up after ``queue_timeout`` or at its own deadline, whichever is
+      first; a caller whose expected wait, (waiters ahead + 1) x hold / slots, is
+      longer than that is shed at once. The hold time is learnt from hand-offs; while
+      none has been seen, nobody is shed on a guess.
+    - Controlled delay: once the queue has stayed busy for ``delay_interval`` (an
+      empty spell shorter than one hold does not count), a newcomer joins the queue
+      only if its expected wait is at most
+      ``max(delay_target, delay_target_holds x hold)``, until the queue has been
+      empty for half the interval. Sustained overload keeps a short queue, while a
+      burst that drains within the interval is absorbed whole. The head of the
+      queue and critical work are exempt.
     - Bulkheads (:meth:`bulkhead`) cap one kind of work inside the global limit.
 
     Accounting is exact under cancellation: a waiter cancelled at the moment it is
     granted gives its slot back. Not thread-safe: use it from one event loop.
+    ``clock`` is the clock deadlines are given on (``anyio.current_time`` by default).
     """
 
     def __init__(
@@ -202,6 +70,10 @@ class ConcurrencyLimiter:
         queue_timeout: float | timedelta = 1.0,
         reserve_critical: int | None = None,
         low_watermark: float = 0.75,
+        delay_interval: float | timedelta | None = 1.5,
+        delay_target: float | timedelta = 0.005,
+        delay_target_holds: float = 0.25,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(
@@ -213,9 +85,8 @@ class ConcurrencyLimiter:
                 f"max_queue must be a whole number >= 0, not {max_queue!r} "
                 "(0 means: shed at once when every slot is busy)"
             )
-        reserve_critical_given = reserve_critical is not None
         if reserve_critical is None:
-            reserve_critical = _default_reserve(limit)
+            reserve_critical = 0
         if (
             isinstance(reserve_critical, bool)
             or not isinstance(reserve_critical, int)
@@ -223,33 +94,56 @@ class ConcurrencyLimiter:
         ):
             raise ValueError(
                 f"reserve_critical must be a whole number from 0 to limit - 1 ({limit - 1}), "
-                f"not {reserve_critical!r}: it is how many slots normal work leaves for "
-                "critical work"
+                f"not {reserve_critical!r}: it is how many slots normal work leaves idle for "
+                "critical work (None or 0: none; critical work is served first anyway)"
             )
-        if not isinstance(low_watermark, int | float) or not 0 < low_watermark <= 1:
+        if (
+            isinstance(low_watermark, bool)
+            or not isinstance(low_watermark, int | float)
+            or not 0 < low_watermark <= 1
+        ):
             raise ValueError(
                 f"low_watermark must be a fraction in (0, 1], not {low_watermark!r}: low "
                 "priority work is admitted only while utilisation is below it"
             )
+        if (
+            isinstance(delay_target_holds, bool)
+            or not isinstance(delay_target_holds, int | float)
+            or not 0 <= delay_target_holds < math.inf
+        ):
+            raise ValueError(
+                f"delay_target_holds must be a number >= 0, not {delay_target_holds!r}: under "
+                "sustained overload the queue admits expected waits up to this many hold times"
+            )
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
         self.limit = limit
         self.configured_limit = limit
         """The ``limit`` given at construction; :meth:`set_limit` never goes above it."""
         self.max_queue = max_queue
         self.queue_timeout = seconds(queue_timeout, "queue_timeout")
         self.reserve_critical = reserve_critical
-        self._reserve_given = reserve_critical_given
         self.low_watermark = float(low_watermark)
-        self._gate = _Gate("global", limit, self._caps(limit), max_queue)
-        self._bulkheads: dict[str, _Gate] = {}
+        self.delay_interval = (
+            None if delay_interval is None else seconds(delay_interval, "delay_interval")
+        )
+        """Seconds the queue may stay non-empty before controlled delay starts; None: never."""
+        self.delay_target = seconds(delay_target, "delay_target")
+        self.delay_target_holds = float(delay_target_holds)
+        self._clock: Callable[[], float] = clock if clock is not None else anyio.current_time
+        self._gate = Gate("global", limit, self._caps(limit), max_queue, self._clock)
+        self._bulkheads: dict[str, Gate] = {}
         self.retry_after = max(1, math.ceil(self.queue_timeout))
         """Seconds a shed caller is told to wait before trying again."""
         self.admitted_total = 0
         self.queued_total = 0
+        self.early_shed_total = 0
+        """Callers shed at once because they could not be served in time (counted in
+        ``shed_by_reason`` too, as ``queue_timeout`` or ``deadline``)."""
         self.shed_by_reason: dict[str, int] = {}
 
     def _caps(self, limit: int) -> dict[Priority, int]:
-        reserve = self.reserve_critical if self._reserve_given else _default_reserve(limit)
-        reserve = min(reserve, max(0, limit - 1))
+        reserve = min(self.reserve_critical, max(0, limit - 1))
         normal_cap = limit - reserve
         low_cap = min(normal_cap, max(1, math.floor(limit * self.low_watermark))) if limit else 0
         return {Priority.CRITICAL: limit, Priority.NORMAL: normal_cap, Priority.LOW: low_cap}
@@ -271,7 +165,7 @@ class ConcurrencyLimiter:
         gate.limit = limit
         gate.caps = self._caps(limit)
         if gate.waiting:
-            gate._grant()
+            gate.grant()
 
     @property
     def in_flight(self) -> int:
@@ -287,6 +181,24 @@ class ConcurrencyLimiter:
     def shed_total(self) -> int:
         """Callers refused admission since the limiter was made."""
         return sum(self.shed_by_reason.values())
+
+    @property
+    def hold_estimate(self) -> float | None:
+        """Seconds a slot is held, as learnt from recent hand-offs; None until measured."""
+        return self._gate.hold
+
+    @property
+    def controlled_delay(self) -> bool:
+        """Whether the queue is under controlled delay: it stayed busy for
+        ``delay_interval``, and has not been empty for half as long since."""
+        gate = self._gate
+        if not gate.delaying or gate.waiting:
+            return gate.delaying
+        try:
+            now = self._clock()
+        except RuntimeError:  # read off the event loop: as of the last caller that waited
+            return True
+        return self._delay_on(gate, now)
 
     def bulkhead(self, name: str, max_concurrency: int) -> str:
         """Declare a sub-limit of ``max_concurrency`` slots for work named ``name``.
@@ -310,8 +222,8 @@ class ConcurrencyLimiter:
                     f"{existing.limit}; give the new one another name"
                 )
             return name
-        caps = dict.fromkeys(_LANES, max_concurrency)
-        self._bulkheads[name] = _Gate(name, max_concurrency, caps, self.max_queue)
+        caps = dict.fromkeys(LANES, max_concurrency)
+        self._bulkheads[name] = Gate(name, max_concurrency, caps, self.max_queue, self._clock)
         return name
 
     def try_take(self, priority: Priority) -> bool:
@@ -321,7 +233,7 @@ class ConcurrencyLimiter:
         themselves (the middleware does, on an object it has anyway).
         """
         gate = self._gate
-        # _Gate.try_take inlined for the common case, a free slot and nobody queued: this
+        # Gate.try_take inlined for the common case, a free slot and nobody queued: this
         # runs once per admitted request.
         if gate.waiting or gate.in_flight >= gate.caps[priority]:
             if not gate.try_take(priority):
@@ -336,7 +248,9 @@ class ConcurrencyLimiter:
         gate = self._gate
         gate.in_flight -= 1
         if gate.waiting:
-            gate._grant()
+            gate.handoff()
+        else:
+            gate.last_handoff = None  # Gate.release inlined: one store, no call
 
     def try_acquire(
         self, priority: Priority = Priority.NORMAL, *, bulkhead: str | None = None
@@ -366,8 +280,9 @@ class ConcurrencyLimiter:
     ) -> Permit:
         """Wait for a slot and return its :class:`Permit`, or raise :class:`Shed`.
 
-        ``deadline`` is an absolute time on ``anyio.current_time()``'s clock past
-        which the caller must not wait, whatever ``queue_timeout`` says.
+        ``deadline`` is an absolute time on the limiter's clock (``anyio.current_time()``
+        unless another was given) past which the caller must not wait, whatever
+        ``queue_timeout`` says.
         """
         permit = self.try_acquire(priority, bulkhead=bulkhead)
         if permit is not None:
@@ -407,7 +322,7 @@ class ConcurrencyLimiter:
             permit.release()
 
     def snapshot(self) -> dict[str, Any]:
-        """Occupancy and counters as plain data."""
+        """Occupancy, what the queue has learnt, and counters, as plain data."""
         gate = self._gate
         return {
             "limit": self.limit,
@@ -418,9 +333,12 @@ class ConcurrencyLimiter:
             "utilization": gate.in_flight / self.limit if self.limit else 1.0,
             "configured_limit": self.configured_limit,
             "lanes": {lane.value: cap for lane, cap in gate.caps.items()},
+            "hold_estimate": gate.hold,
+            "controlled_delay": self.controlled_delay,
             "admitted_total": self.admitted_total,
             "queued_total": self.queued_total,
             "shed_total": self.shed_total,
+            "early_shed_total": self.early_shed_total,
             "shed_by_reason": dict(self.shed_by_reason),
             "bulkheads": {name: b.snapshot() for name, b in self._bulkheads.items()},
         }
@@ -428,7 +346,7 @@ class ConcurrencyLimiter:
     # -- internals -------------------------------------------------------------
 
     def _wait_until(self, deadline: float | None) -> tuple[float, str]:
-        until = anyio.current_time() + self.queue_timeout
+        until = self._clock() + self.queue_timeout
         if deadline is not None and deadline < until:
             return deadline, "deadline"
         return until, "queue_timeout"
@@ -437,13 +355,61 @@ class ConcurrencyLimiter:
         self.shed_by_reason[reason] = self.shed_by_reason.get(reason, 0) + 1
         return Shed(reason, retry_after=self.retry_after)
 
-    async def _wait(self, gate: _Gate, lane: Priority, until: float, reason: str) -> None:
-        remaining = until - anyio.current_time()
-        if remaining <= 0:
-            raise self._shed(reason)
-        waiter = gate.enqueue(lane)
+    def _shed_early(
+        self, gate: Gate, lane: Priority, now: float, remaining: float, reason: str
+    ) -> str | None:
+        """The reason to shed a caller now rather than queue it, or None to queue it.
+
+        ``reason`` when it would run out of its own time (``queue_timeout`` or
+        ``deadline``); ``queue_timeout`` when controlled delay shortens the queue's.
+        """
+        hold = gate.hold
+        slots = gate.caps[lane]
+        if hold is None or slots <= 0:
+            return None  # nothing measured yet: never shed on a guess
+        ahead = gate.ahead(lane)
+        expected = (ahead + 1) * hold / slots
+        if expected > remaining:
+            return reason
+        if (
+            self._delay_on(gate, now)
+            and ahead
+            and lane is not Priority.CRITICAL
+            and expected > max(self.delay_target, self.delay_target_holds * hold)
+        ):
+            return "queue_timeout"
+        return None
+
+    def _delay_on(self, gate: Gate, now: float) -> bool:
+        """Switch controlled delay on or off for ``gate`` as of ``now``; whether it is on."""
+        interval = self.delay_interval
+        if interval is None:
+            return False
+        if gate.delaying:
+            # A short controlled queue runs dry for moments while the overload goes on:
+            # after a stall, slots come back together and arrivals take them without
+            # queueing, for about slots / (arrival rate - service rate). Starting over
+            # costs a queue that grows at that same excess rate for a whole interval,
+            # so a spell shorter than half the interval is not taken for the end.
+            if gate.empty_for(now) >= interval / 2:
+                gate.delaying = False
+                gate.end_busy_period()
+        elif gate.busy_for(now) >= interval:
+            gate.delaying = True
+        return gate.delaying
+
+    async def _wait(self, gate: Gate, lane: Priority, until: float, reason: str) -> None:
+        now = self._clock()
+        remaining = until - now
+        early = reason if remaining <= 0 else self._shed_early(gate, lane, now, remaining, reason)
+        waiter = gate.enqueue(lane, now) if early is None else None
         if waiter is None:
-            raise self._shed("queue_full")
+            # Shed without waiting, yet a checkpoint: a caller that retries in a loop
+            # must let the tasks holding the slots run.
+            await anyio.lowlevel.checkpoint()
+            if early is not None and remaining > 0:
+                self.early_shed_total += 1
+            raise self._shed("queue_full" if early is None else early)
         try:
             with anyio.move_on_after(remaining):
                 await waiter.event.wait()
