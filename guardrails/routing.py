@@ -186,7 +186,7 @@ def _count(routes: object) -> int:
     return len(routes) if type(routes) is list else -1
 
 
-def _fingerprint(routes: object) -> tuple[int, ...]:
+def _route_ids(routes: object) -> tuple[int, ...]:
     """Every route object in the tree, by identity: any change of the table changes it."""
     found: list[int] = []
     stack = [routes]
@@ -231,7 +231,7 @@ class RouteResolver:
         self._app: object = None
         self._routes: object = None
         self._routes_count = -1
-        self._print: tuple[int, ...] = ()
+        self._ids: tuple[int, ...] = ()
         self._requests = 0
         self._entries: list[_Entry] = []
 
@@ -247,7 +247,7 @@ class RouteResolver:
         if (
             app is not self._app
             or _count(self._routes) != self._routes_count
-            or (self._requests % _RECHECK_EVERY == 0 and _fingerprint(self._routes) != self._print)
+            or (self._requests % _RECHECK_EVERY == 0 and _route_ids(self._routes) != self._ids)
         ):
             self._rebuild(app)
         key = (method, path)
@@ -274,7 +274,7 @@ class RouteResolver:
         self._app = app
         self._routes = routes
         self._routes_count = _count(routes)
-        self._print = _fingerprint(routes)
+        self._ids = _route_ids(routes)
         self._cache.clear()
         self._entries = list(_flatten(routes, "")) if isinstance(routes, Iterable) else []
 
