@@ -88,7 +88,7 @@ async def test_vary_variants_live_side_by_side(redis_url: str) -> None:
 
 
 async def test_too_large_and_damaged_entries_are_misses(redis_url: str) -> None:
-    store = gr.RedisCache(redis_url, prefix=prefix(), max_entry_bytes=1000)
+    store = gr.RedisCache(redis_url, prefix=prefix(), max_entry_bytes=1000, timeout=2)
     await store.set("big", response(b"x" * 2000), 5)
     assert await store.get("big") is None
     assert store.snapshot()["too_large"] == 1
