@@ -56,7 +56,7 @@ def test_encoding_round_trips_every_byte_and_refuses_anything_else() -> None:
 
 
 async def test_round_trip_and_ttl(redis_url: str) -> None:
-    store = gr.RedisCache(redis_url, prefix=prefix())
+    store = gr.RedisCache(redis_url, prefix=prefix(), timeout=2)
     stored = response()
     await store.set("k", stored, 0.2)
     assert await store.get("k") == stored
@@ -77,7 +77,7 @@ async def test_round_trip_and_ttl(redis_url: str) -> None:
 
 
 async def test_vary_variants_live_side_by_side(redis_url: str) -> None:
-    store = gr.RedisCache(redis_url, prefix=prefix())
+    store = gr.RedisCache(redis_url, prefix=prefix(), timeout=2)
     gzip = [(b"host", b"a"), (b"accept-encoding", b"gzip")]
     plain = [(b"host", b"a"), (b"accept-encoding", b"identity")]
     varied = CachedResponse.build(200, [(b"vary", b"Accept-Encoding")], b"zipped")
@@ -192,7 +192,7 @@ async def test_one_process_serves_what_another_stored(redis_url: str) -> None:
 
 
 async def test_the_guard_closes_its_redis_store_on_shutdown(redis_url: str) -> None:
-    store = gr.RedisCache(redis_url, prefix=prefix())
+    store = gr.RedisCache(redis_url, prefix=prefix(), timeout=2)
     guard = gr.Guardrails(concurrency=2, cache=store)
     raw = Redis.from_url(redis_url)
     before = len(await raw.client_list())
