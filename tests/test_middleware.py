@@ -253,7 +253,12 @@ async def test_streaming_response_holds_its_slot_until_the_last_chunk() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(app, http_scope("/stream"), receive, send)
-        await wait_all_tasks_blocked()
+        # Not wait_all_tasks_blocked(): the slow-client watchdog looks every 0.1 s while
+        # the stream is open, in step with that helper's own 0.1 s polls.
+        with anyio.fail_after(5):
+            while len(sent) < 2:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)  # nothing more comes before the chunk is released
         assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
         assert guard.limiter.in_flight == 1  # mid-stream: still holding the slot
         release_chunk.set()

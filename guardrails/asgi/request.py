@@ -382,8 +382,13 @@ class GuardedRequest(context.CallContext):
             raise
         finally:
             self.client_deadline = 0.0
-        if final and self.held:
-            self.release()
+        if final:
+            if self.held:
+                self.release()
+            if self.task is not None:
+                # Nothing more to wait on the client for: background tasks that run
+                # after the response must not keep the watchdog awake.
+                self.middleware.clients.forget(self)
         capture = self.capture
         if capture is not None and not await capture.copy(kind, message):
             self.capture = None
