@@ -5,6 +5,7 @@ Everything public is importable from here::
     import guardrails as gr
 """
 
+from guardrails.adaptive import AdaptiveLimit
 from guardrails.asgi.middleware import GuardrailsMiddleware
 from guardrails.breaker import Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget, ServerlessPlan
@@ -29,6 +30,7 @@ from guardrails.pools.probe import ping
 from guardrails.retry import RetryBudget, RetrySettings
 
 __all__ = [
+    "AdaptiveLimit",
     "Breaker",
     "BreakerSettings",
     "BudgetExceeded",

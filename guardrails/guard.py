@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from guardrails import context
+from guardrails.adaptive import AdaptiveLimit
 from guardrails.asgi.health import HealthEndpoint
 from guardrails.background import Background, Job
 from guardrails.breaker import CLOSED, Breaker, BreakerSettings
@@ -79,6 +80,8 @@ class Guardrails:
     :class:`~guardrails.limiter.ConcurrencyLimiter`). ``policies`` maps Starlette
     path patterns, optionally after a method (``"POST /orders/{id}"``), to a
     :class:`~guardrails.policy.Policy`; ``default_policy`` covers everything else.
+    ``adaptive`` (an :class:`~guardrails.adaptive.AdaptiveLimit`) lets the number of
+    slots follow what the database serves well, below ``concurrency``.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Guardrails:
         delay_interval: float | timedelta | None = 1.5,
         delay_target: float | timedelta = 0.005,
         delay_target_holds: float = 0.25,
+        adaptive: AdaptiveLimit | None = None,
         policies: Mapping[str, Policy] | None = None,
         default_policy: Policy | None = None,
         breaker: BreakerSettings | None = None,
@@ -126,6 +130,7 @@ class Guardrails:
             delay_interval=delay_interval,
             delay_target=delay_target,
             delay_target_holds=delay_target_holds,
+            adaptive=adaptive,
         )
         if default_policy is not None and not isinstance(default_policy, Policy):
             raise TypeError(f"default_policy must be a guardrails Policy, not {default_policy!r}")
@@ -372,6 +377,9 @@ class Guardrails:
 
     def pool_timeout(self, watcher: Any, exc: BaseException) -> None:
         """Called by pool watchers for each pool timeout they see (on any thread)."""
+        adaptive = self.limiter.adaptive
+        if adaptive is not None:
+            adaptive.drop()  # applied by the limiter on the loop, at the window's end
         ctx = context.current()
         if ctx is None:
             pool = getattr(watcher, "name", None)

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from guardrails.adaptive import AdaptiveController, AdaptiveLimit
 from guardrails.errors import Shed
 from guardrails.gate import LANES, Gate, Permit, Priority
 
@@ -56,6 +57,10 @@ class ConcurrencyLimiter:
       burst that drains within the interval is absorbed whole. The head of the
       queue and critical work are exempt.
     - Bulkheads (:meth:`bulkhead`) cap one kind of work inside the global limit.
+    - ``adaptive`` (an :class:`~guardrails.adaptive.AdaptiveLimit`) lowers the number
+      of slots below ``limit`` while slots are held longer than usual, and raises it
+      back; ``limit`` stays the ceiling. Callers report completed holds with
+      :meth:`completed`.
 
     Accounting is exact under cancellation: a waiter cancelled at the moment it is
     granted gives its slot back. Not thread-safe: use it from one event loop.
@@ -74,6 +79,7 @@ class ConcurrencyLimiter:
         delay_target: float | timedelta = 0.005,
         delay_target_holds: float = 0.25,
         clock: Callable[[], float] | None = None,
+        adaptive: AdaptiveLimit | None = None,
     ) -> None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(
@@ -117,9 +123,18 @@ class ConcurrencyLimiter:
             )
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
+        if adaptive is not None and not isinstance(adaptive, AdaptiveLimit):
+            raise TypeError(f"adaptive must be an AdaptiveLimit or None, not {adaptive!r}")
         self.limit = limit
+        """Slots in use may reach this now: the least of the cap and the adaptive limit."""
         self.configured_limit = limit
         """The ``limit`` given at construction; :meth:`set_limit` never goes above it."""
+        self.cap = limit
+        """The limit :meth:`set_limit` set last (a coordinator's lease), or the configured one."""
+        self.adaptive: AdaptiveController | None = (
+            None if adaptive is None else adaptive.controller(limit, clock)
+        )
+        """The running adaptive limit, or None when the limit is fixed."""
         self.max_queue = max_queue
         self.queue_timeout = seconds(queue_timeout, "queue_timeout")
         self.reserve_critical = reserve_critical
@@ -153,11 +168,39 @@ class ConcurrencyLimiter:
 
         For coordinators that lease slots from a global budget. Lowering it lets the
         work in flight finish and admits nobody new until it is below the new limit;
-        raising it admits waiters at once.
+        raising it admits waiters at once. It sets :attr:`cap`; with an adaptive limit
+        the slots are the lesser of the two.
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
-        limit = min(limit, self.configured_limit)
+        self.cap = min(limit, self.configured_limit)
+        self._apply()
+
+    @property
+    def wanted(self) -> int:
+        """Slots this process would use if it could: the adaptive limit, else the configured."""
+        adaptive = self.adaptive
+        return self.configured_limit if adaptive is None else adaptive.limit
+
+    def completed(self, started: float) -> None:
+        """A slot taken at ``started`` (on ``adaptive.clock``) was held by work that completed.
+
+        Feeds the adaptive limit; call it after giving the slot back, only for work that
+        succeeded (a failure or a pool timeout is not a sample). Nothing without one.
+        """
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.sample(adaptive.clock() - started):
+            self._apply()
+
+    def tick(self) -> None:
+        """Let the adaptive limit end a window that is due without a new sample."""
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.tick():
+            self._apply()
+
+    def _apply(self) -> None:
+        adaptive = self.adaptive
+        limit = self.cap if adaptive is None else min(self.cap, adaptive.limit)
         if limit == self.limit:
             return
         self.limit = limit
@@ -332,6 +375,8 @@ class ConcurrencyLimiter:
             "queue_timeout": self.queue_timeout,
             "utilization": gate.in_flight / self.limit if self.limit else 1.0,
             "configured_limit": self.configured_limit,
+            "cap": self.cap,
+            "adaptive": self.adaptive.snapshot() if self.adaptive is not None else None,
             "lanes": {lane.value: cap for lane, cap in gate.caps.items()},
             "hold_estimate": gate.hold,
             "controlled_delay": self.controlled_delay,

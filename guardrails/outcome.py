@@ -40,6 +40,7 @@ class Outcome:
         "pool_timeout",
         "reached",
         "recorded",
+        "timed_out",
         "trial",
     )
 
@@ -55,6 +56,8 @@ class Outcome:
         self.pool: str | None = None
         """The name of the watched pool that last timed out in this request, for logs."""
         self.reached = False
+        self.timed_out = False
+        """Whether a watched pool timed out on this request (kept once recorded)."""
         self.finished = False
 
     # -- what pool watchers report -------------------------------------------------------
@@ -68,6 +71,12 @@ class Outcome:
         the request ends."""
         self.pool_timeout = exc
         self.pool = pool
+        self.timed_out = True
+
+    @property
+    def healthy(self) -> bool:
+        """Nothing failed so far: no failure recorded, no pool timed out."""
+        return self.failure is None and not self.timed_out
 
     # -- guarded calls (guard.read / guard.write) ----------------------------------------
 

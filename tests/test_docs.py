@@ -41,6 +41,7 @@ DOCUMENTED: dict[str, Callable[..., Any]] = {
     "RedisCoordinator": gr.RedisCoordinator,
     "EarlyWarning": gr.EarlyWarning,
     "ConcurrencyLimiter": gr.ConcurrencyLimiter,
+    "AdaptiveLimit": gr.AdaptiveLimit,
     "GuardedTransport": gr.GuardedTransport,
     "DatabaseFault": guardrails.testing.DatabaseFault,
     "FaultTransport": guardrails.testing.FaultTransport,

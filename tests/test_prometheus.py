@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import anyio
@@ -152,3 +153,27 @@ async def test_pool_retry_and_fallback_metrics_on_a_real_pool(
     assert now[("guardrails_breaker_opened_by_total", opened_by)] == 1
     fallbacks = (("kind", "stale"), ("route", "/dashboard"))
     assert now[("guardrails_fallbacks_total", fallbacks)] == 2
+
+
+def test_the_adaptive_limit_its_ceiling_baseline_and_gradient_are_gauges() -> None:
+    from prometheus_client import generate_latest
+
+    guard = gr.Guardrails(concurrency=20, adaptive=gr.AdaptiveLimit(window=0.001, min_samples=1))
+    adaptive = guard.limiter.adaptive
+    assert adaptive is not None
+    for hold in (0.020, 0.060):  # learn 20 ms, then a window three times slower
+        time.sleep(0.002)
+        guard.limiter.completed(adaptive.clock() - hold)
+    registry = CollectorRegistry()
+    registry.register(GuardrailsCollector(guard))
+    found = samples(generate_latest(registry).decode())
+    assert found[("guardrails_limit", ())] == 15
+    assert found[("guardrails_limit_ceiling", ())] == 20
+    assert found[("guardrails_adaptive_baseline_seconds", ())] == pytest.approx(0.020, abs=1e-3)
+    assert found[("guardrails_adaptive_gradient", ())] == pytest.approx(0.5, abs=0.01)
+    # A fixed limit has no adaptive gauges.
+    fixed = CollectorRegistry()
+    fixed.register(GuardrailsCollector(gr.Guardrails(concurrency=20)))
+    names = {name for name, _ in samples(generate_latest(fixed).decode())}
+    assert "guardrails_limit_ceiling" in names
+    assert "guardrails_adaptive_gradient" not in names

@@ -282,3 +282,30 @@ def test_the_outage_names_what_first_opened_the_breaker_not_a_failed_probe() -> 
         ),
     )
     assert "it opened on ConnectionRefusedError on /items/{id};" in diagnose(samples).evidence
+
+
+def test_an_adaptive_limit_lowered_by_slow_holds_is_a_slowdown_not_exhaustion() -> None:
+    samples = series(
+        limit=lambda i: 20 if i < 5 else 6,
+        ceiling=20,
+        in_flight=lambda i: 20 if i < 5 else 6,
+        arrivals_total=lambda i: 40 * i,
+        admitted_total=lambda i: 30 * i,
+        baseline=0.021,
+        hold=0.061,
+    )
+    diagnosis = diagnose(samples)
+    assert diagnosis.kind == "slowdown"
+    assert "slower than its baseline (slots held 61 ms against 21 ms)" in diagnosis.evidence
+    assert "limit lowered from 20 to 6" in diagnosis.evidence
+    assert diagnosis.numbers["shed"] == 10 * 29
+    # The same series with a fixed limit of 6: every slot busy, so exhaustion.
+    fixed = series(
+        limit=6, in_flight=6, arrivals_total=lambda i: 40 * i, admitted_total=lambda i: 30 * i
+    )
+    assert diagnose(fixed).kind == "exhaustion"
+
+
+def test_a_limit_lowered_for_a_moment_is_not_the_story_of_the_window() -> None:
+    samples = series(limit=lambda i: 20 if i != 29 else 18, ceiling=20, baseline=0.02, hold=0.04)
+    assert diagnose(samples).kind == "none"

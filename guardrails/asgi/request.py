@@ -64,6 +64,7 @@ class GuardedRequest(context.CallContext):
         "send",
         "server_receive",
         "started",
+        "taken",
         "task",
     )
 
@@ -93,6 +94,8 @@ class GuardedRequest(context.CallContext):
         self.capture: Capture | None = None
         self.permit: Permit | None = None
         self.held = False
+        self.taken = 0.0
+        """When the slot was taken, on the adaptive limit's clock (0: not timed)."""
         self.started = False
         self.cancel: anyio.CancelScope | None = None
         self.body: bytes | None = None
@@ -134,9 +137,13 @@ class GuardedRequest(context.CallContext):
         if refusal is None:
             if resolved.timeout is not None:
                 self.deadline = anyio.current_time() + resolved.timeout
-            # A free slot is taken synchronously: no coroutine, no clock read.
-            if resolved.bulkhead is None and guard.limiter.try_take(resolved.priority):
+            # A free slot is taken synchronously: no coroutine, no clock read (unless an
+            # adaptive limit times how long slots are held).
+            limiter = guard.limiter
+            if resolved.bulkhead is None and limiter.try_take(resolved.priority):
                 self.held = True
+                if limiter.adaptive is not None:
+                    self.taken = limiter.adaptive.clock()
             else:
                 refusal = await self._take_slot()
         if refusal is not None:
@@ -262,6 +269,8 @@ class GuardedRequest(context.CallContext):
             self._abandon()
             raise
         self.held = True
+        if limiter.adaptive is not None:
+            self.taken = limiter.adaptive.clock()
         guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
         breaker = guard.breaker
         trial = self._outcome.trial if self._outcome is not None else None
@@ -367,7 +376,7 @@ class GuardedRequest(context.CallContext):
             # The app has produced all of it and holds no connection: the slot goes back
             # before the client reads it (a slow reader holds nothing), and before a copy
             # is stored (a remote store's write must not hold a database slot).
-            self.release()
+            self.release(completed=True)
         timeout = self.resolved.send_timeout
         if timeout is not None:
             if self.task is None:
@@ -384,7 +393,7 @@ class GuardedRequest(context.CallContext):
             self.client_deadline = 0.0
         if final:
             if self.held:
-                self.release()
+                self.release(completed=True)
             if self.task is not None:
                 # Nothing more to wait on the client for: background tasks that run
                 # after the response must not keep the watchdog awake.
@@ -393,14 +402,23 @@ class GuardedRequest(context.CallContext):
         if capture is not None and not await capture.copy(kind, message):
             self.capture = None
 
-    def release(self) -> None:
-        """Give the slot back; only the first call does anything."""
+    def release(self, completed: bool = False) -> None:
+        """Give the slot back; only the first call does anything.
+
+        ``completed``: the app produced its whole answer, so the hold is a sample for
+        an adaptive limit, unless the request failed or a pool timed out on it.
+        """
         if self.held:
             self.held = False
+            limiter = self.guard.limiter
             if self.permit is None:
-                self.guard.limiter.give_back()
+                limiter.give_back()
             else:
                 self.permit.release()
+            if completed and self.taken:
+                outcome = self._outcome
+                if outcome is None or outcome.healthy:
+                    limiter.completed(self.taken)
 
     # -- answers instead of the app -----------------------------------------------------
 

@@ -164,9 +164,7 @@ class Lease:
     def due(self, now: float, limiter: ConcurrencyLimiter, timeout: float) -> bool:
         """Is a renewal due: on schedule, for a starving queue, or before the lease ends?"""
         # While a new generation settles nothing new is granted: asking sooner is no use.
-        starving = (
-            limiter.queued > 0 and self.held < limiter.configured_limit and now >= self.settled_at
-        )
+        starving = limiter.queued > 0 and self.held < limiter.wanted and now >= self.settled_at
         return (
             now >= self.next_call
             or (starving and now - self.last_call >= MIN_GAP)
@@ -185,7 +183,8 @@ class Lease:
         """Ask Redis for slots; the local limit shrinks first if we hold more than we keep."""
         sent = time.monotonic()
         leased = connected or sent < self.until
-        need = min(limiter.configured_limit, self.peak)
+        # An adaptive limit below the configured one is all this process would use.
+        need = min(limiter.wanted, self.peak)
         want = min(limiter.configured_limit, need + batch)
         if leased:
             # Keep on record the work running now and what we may keep: while others wait,
@@ -195,7 +194,7 @@ class Lease:
             floor = min(self.held, max(limiter.in_flight, keep))
             # Shrink locally before asking, so that whatever Redis answers, our use stays
             # within what it has on record for us (arrivals meanwhile wait one round trip).
-            if floor < limiter.limit:
+            if floor < limiter.cap:
                 limiter.set_limit(floor)
             self.sent_floor = floor
         else:
@@ -206,7 +205,7 @@ class Lease:
             self.sent_floor = None
         ttl_ms = int(self.ttl * 1000)
         # A Redis that forgot the records keeps us to what we may use now: the claim.
-        claim = limiter.limit
+        claim = limiter.cap
         result = await scripts.run(
             "lease",
             self.keys.for_lease,
@@ -273,12 +272,12 @@ class Lease:
         A process that never had a lease trusts the budget arithmetic: ``per_process``.
         """
         if time.monotonic() < self.until:
-            limit = min(limiter.limit, self.held)
+            limit = min(limiter.cap, self.held)
         elif self.ever_leased:
             limit = min(self.held, per_process)
         else:
             limit = per_process
-        if limiter.limit != limit:
+        if limiter.cap != limit:
             limiter.set_limit(limit)
 
     async def give_back(self, scripts: Scripts, in_flight: int, budget: int) -> None:

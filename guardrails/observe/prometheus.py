@@ -65,6 +65,24 @@ class GuardrailsCollector(Collector):
             "guardrails_limit", "Slots (concurrent DB-bound requests).", limiter["limit"]
         )
         yield self._gauge(
+            "guardrails_limit_ceiling",
+            "Configured slots: the most the limit may be.",
+            limiter["configured_limit"],
+        )
+        adaptive = limiter["adaptive"]
+        if adaptive is not None:
+            if adaptive["baseline_seconds"] is not None:
+                yield self._gauge(
+                    "guardrails_adaptive_baseline_seconds",
+                    "Seconds a slot is held when the database is healthy (adaptive limit).",
+                    adaptive["baseline_seconds"],
+                )
+            yield self._gauge(
+                "guardrails_adaptive_gradient",
+                "Baseline x tolerance / recent hold time, clamped to [0.5, 1] (adaptive limit).",
+                adaptive["gradient"],
+            )
+        yield self._gauge(
             "guardrails_queue_depth", "Requests waiting for a slot.", limiter["queued"]
         )
 

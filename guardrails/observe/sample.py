@@ -55,6 +55,12 @@ class Sample:
     """What opened the breaker, in words (its route and pool), while it is not closed."""
     bulkheads: tuple[BulkheadSample, ...] = ()
     """The bulkheads; their sheds are part of ``arrivals_total - admitted_total``."""
+    ceiling: int | None = None
+    """With an adaptive limit, the configured limit it may not exceed; None when fixed."""
+    baseline: float | None = None
+    """With an adaptive limit, the seconds a slot is held when the database is healthy."""
+    hold: float | None = None
+    """With an adaptive limit, the median hold time of its last window."""
 
 
 def last_seconds(samples: Sequence[Sample], seconds: float) -> list[Sample]:

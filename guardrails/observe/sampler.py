@@ -62,6 +62,8 @@ class Sampler:
     def sample(self) -> Sample:
         """Record the counters now and update the warnings and the triage."""
         limiter = self.limiter
+        limiter.tick()  # an adaptive limit's window may be due without a new request
+        adaptive = limiter.adaptive
         pools = self.pools()
         telemetry = self.telemetry
         breaker = self.breaker
@@ -90,6 +92,9 @@ class Sampler:
                 )
                 for name, gate in bulkheads.items()
             ),
+            ceiling=None if adaptive is None else adaptive.ceiling,
+            baseline=None if adaptive is None else adaptive.baseline,
+            hold=None if adaptive is None or adaptive.last is None else adaptive.last.short,
         )
         self.samples.append(sample)
         self._report_warnings()

@@ -20,6 +20,9 @@ samples this module says, in words and numbers:
   ``outage``      the circuit breaker opened: the database failed (connections
                   refused or dropped, pool timeouts) and requests were answered 503
                   at once; it ends when the database answers again;
+  ``slowdown``    the adaptive limit came down because slots are held longer than the
+                  database's baseline: the database serves this much concurrency worse
+                  than usual (CPU, I/O, locks); the limit climbs back as it recovers;
   ``bulkhead``    only routes with their own ``max_concurrency`` shed: their sub-limit
                   was full while the global slots had room; the pool is fine;
   ``none``        nothing of the above.
@@ -83,8 +86,8 @@ class Diagnosis:
     """The triage verdict with its evidence."""
 
     kind: str
-    """``"exhaustion"``, ``"leak"``, ``"storm"``, ``"outage"``, ``"bulkhead"`` or
-    ``"none"``."""
+    """``"exhaustion"``, ``"leak"``, ``"storm"``, ``"outage"``, ``"slowdown"``,
+    ``"bulkhead"`` or ``"none"``."""
     evidence: str
     numbers: dict[str, float]
 
@@ -104,6 +107,7 @@ def diagnose(samples: Sequence[Sample], window: float = 60.0) -> Diagnosis:
         _storm(recent)
         or _leak(recent)
         or _outage(recent)
+        or _slowdown(recent)
         or _exhaustion(recent)
         or _bulkhead(recent)
         or NONE
@@ -202,6 +206,41 @@ def _outage(recent: list[Sample]) -> Diagnosis | None:
             "open_fraction": round(not_closed, 3),
             "pool_timeouts": timeouts,
         },
+    )
+
+
+def _slowdown(recent: list[Sample]) -> Diagnosis | None:
+    first, last = recent[0], recent[-1]
+    ceiling = last.ceiling
+    if ceiling is None or last.limit >= ceiling or last.baseline is None:
+        return None
+    lowered = [s for s in recent if s.ceiling is not None and s.limit < s.ceiling]
+    if len(lowered) * 2 < len(recent):
+        return None  # lowered for a moment only: not the story of this window
+    span = last.at - first.at
+    lowest = min(s.limit for s in lowered)
+    shed = (last.arrivals_total - last.admitted_total) - (
+        first.arrivals_total - first.admitted_total
+    )
+    hold = last.hold
+    held = f"{hold * 1000:.0f} ms" if hold is not None else "longer"
+    numbers: dict[str, float] = {
+        "limit": last.limit,
+        "ceiling": ceiling,
+        "lowest_limit": lowest,
+        "baseline_seconds": last.baseline,
+        "shed": shed,
+    }
+    if hold is not None:
+        numbers["hold_seconds"] = hold
+    return Diagnosis(
+        "slowdown",
+        f"the database is slower than its baseline (slots held {held} against "
+        f"{last.baseline * 1000:.0f} ms): limit lowered from {ceiling} to {last.limit} "
+        f"(lowest {lowest}) in the last {round(span, 1):g} s, {shed} request(s) shed; "
+        "more concurrency would add latency, not throughput: look for CPU, I/O or lock "
+        "contention in the database; the limit climbs back as it recovers",
+        numbers,
     )
 
 
