@@ -233,3 +233,23 @@ async def test_after_an_outage_the_report_counts_the_refusals_and_says_outage() 
     assert snapshot["breaker"]["refused_total"] == 3
     assert snapshot["telemetry"]["outage_refused_total"] == 3
     assert snapshot["limiter"]["shed_total"] == 0  # the limiter never saw them
+
+
+async def test_an_adaptive_limit_shows_its_limit_ceiling_baseline_and_gradient() -> None:
+    guard = gr.Guardrails(concurrency=20, adaptive=gr.AdaptiveLimit(window=0.001, min_samples=1))
+    adaptive = guard.limiter.adaptive
+    assert adaptive is not None
+    for hold in (0.020, 0.060):  # learn 20 ms, then a window three times slower
+        await anyio.sleep(0.002)
+        guard.limiter.completed(adaptive.clock() - hold)
+    async with client(build(guard)) as c:
+        body = (await c.get("/health/guardrails")).json()
+    (check,) = body["checks"]["limiter:adaptive_limit"]
+    assert (check["observedValue"], check["ceiling"], check["floor"]) == (15, 20, 1)
+    assert check["status"] == "warn"
+    assert check["baselineSeconds"] == pytest.approx(0.020, abs=1e-3)
+    assert check["gradient"] == pytest.approx(0.5, abs=0.01)
+    assert body["status"] == "pass"  # a lowered limit is no reason to take it out of service
+    fixed = gr.Guardrails(concurrency=20)
+    async with client(build(fixed)) as c:
+        assert "limiter:adaptive_limit" not in (await c.get("/health/guardrails")).json()["checks"]

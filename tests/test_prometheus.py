@@ -9,7 +9,7 @@ import anyio
 import httpx
 import psycopg
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -156,8 +156,6 @@ async def test_pool_retry_and_fallback_metrics_on_a_real_pool(
 
 
 def test_the_adaptive_limit_its_ceiling_baseline_and_gradient_are_gauges() -> None:
-    from prometheus_client import generate_latest
-
     guard = gr.Guardrails(concurrency=20, adaptive=gr.AdaptiveLimit(window=0.001, min_samples=1))
     adaptive = guard.limiter.adaptive
     assert adaptive is not None

@@ -181,6 +181,18 @@ def build_report(snapshot: dict[str, Any], judged: tuple[str, list[str]]) -> dic
             read_only["enabled"], None, "warn" if read_only["enabled"] else "pass", now
         ),
     }
+    adaptive = limiter.get("adaptive")
+    if adaptive is not None:
+        checks["limiter:adaptive_limit"] = _check(
+            adaptive["limit"],
+            "slots",
+            "warn" if adaptive["limit"] < adaptive["ceiling"] else "pass",
+            now,
+            ceiling=adaptive["ceiling"],
+            floor=adaptive["floor"],
+            baselineSeconds=adaptive["baseline_seconds"],
+            gradient=adaptive["gradient"],
+        )
     retry = snapshot.get("retry")
     if retry is not None:
         checks["retry:budget_remaining"] = _check(
