@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -24,16 +23,16 @@ from guardrails.asgi.health import HealthEndpoint
 from guardrails.background import Background, Job
 from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
-from guardrails.context import NO_REQUEST
-from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
+from guardrails.errors import ErrorKind, classify
 from guardrails.fallback import CREDENTIAL_HEADERS, MemoryCache, ResponseStore
+from guardrails.guarded_calls import guarded
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import Diagnosis, EarlyWarning, Sample, Warning_, refused_as_too_many
 from guardrails.policy import Policy
 from guardrails.pools import checked_threshold
-from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
+from guardrails.retry import RetryBudget, RetrySettings
 from guardrails.routing import RouteResolver
 
 __all__ = ["Guardrails"]
@@ -264,7 +263,7 @@ class Guardrails:
         request's deadline. An outage that remains raises ``Unavailable`` (the driver's
         exception is its ``__cause__``); the app's own errors propagate unchanged.
         """
-        return self._wrap(func, read=True)
+        return guarded(self, func, read=True)
 
     def write(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Guard a write: breaker-gated, never retried, refused in read-only mode.
@@ -272,69 +271,7 @@ class Guardrails:
         In read-only mode the call raises :class:`~guardrails.errors.ReadOnly` without
         running ``func``. Otherwise as :meth:`read`, with a single attempt.
         """
-        return self._wrap(func, read=False)
-
-    def _wrap(self, func: Callable[P, Awaitable[T]], *, read: bool) -> Callable[P, Awaitable[T]]:
-        if not callable(func):
-            kind = "read" if read else "write"
-            raise TypeError(
-                f"guard.{kind} wraps an async function, not {func!r}: "
-                f"@guard.{kind} above `async def ...`, or guard.{kind}(fetch)(args)"
-            )
-
-        @functools.wraps(func)
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await self._guarded_call(lambda: func(*args, **kwargs), read=read)
-
-        return guarded
-
-    async def _guarded_call(self, call: Callable[[], Awaitable[T]], *, read: bool) -> T:
-        ctx = context.current()
-        token = None
-        if ctx is None:  # a job or startup code: this call is its own little request
-            ctx = context.CallContext(NO_REQUEST, guard=self)
-            token = context.enter(ctx)
-        outcome = ctx.outcome
-        try:
-            if not read and self.read_only:
-                retry_after = max(self.limiter.retry_after, self.breaker.retry_after)
-                raise ReadOnly(
-                    self._read_only_reason or "database unavailable", retry_after=retry_after
-                )
-
-            async def attempt() -> T:
-                trial = outcome.begin_call()
-                try:
-                    result = await call()
-                except BaseException as exc:
-                    outcome.call_failed(trial, exc)
-                    raise
-                outcome.call_succeeded(trial)
-                return result
-
-            try:
-                if read and self.retry_settings.attempts > 1:
-                    time_left = None
-                    if ctx.deadline is not None:
-                        time_left = ctx.deadline - anyio.current_time()
-                    return await call_with_retries(
-                        attempt,
-                        self.retry_settings,
-                        self.retry_budget,
-                        self.classify,
-                        time_left=time_left,
-                    )
-                return await attempt()
-            except Exception as exc:
-                if isinstance(exc, GuardrailsError) or self.classify(exc) is not ErrorKind.OUTAGE:
-                    raise
-                raise Unavailable(
-                    "the database is unavailable", retry_after=max(1, self.breaker.retry_after)
-                ) from exc
-        finally:
-            if token is not None:
-                outcome.abandon()  # a pool timeout it caught itself still counts
-                context.leave(token)
+        return guarded(self, func, read=False)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         """What ``exc`` says about the database, with this guard's extra classifiers."""
