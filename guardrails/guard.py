@@ -21,6 +21,7 @@ from guardrails.asgi.health import HealthEndpoint
 from guardrails.background import Background, Job
 from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
+from guardrails.bulkheads import PolicyBulkheads
 from guardrails.coordination.protocol import Coordinator
 from guardrails.errors import ErrorKind, classify
 from guardrails.fallback import ResponseStore
@@ -120,12 +121,12 @@ class Guardrails:
         )
         self.default_policy = checked_instance(default_policy, Policy, "default_policy") or Policy()
         self._policies = checked_policies(policies)
-        self._bulkheads: dict[int, tuple[Policy, str]] = {}
         self._read_only = False
         self._read_only_reason: str | None = None
         breaker = checked_instance(breaker, BreakerSettings, "breaker")
         self.telemetry = Telemetry(self.limiter)
         """Counters and state-change events; add sinks with ``telemetry.add_sink``."""
+        self._bulkheads = PolicyBulkheads(self.limiter, self.telemetry)
         self.breaker = Breaker(breaker, on_change=self.telemetry.breaker_changed)
         self.retry_settings = checked_instance(retry, RetrySettings, "retry") or RetrySettings()
         self.retry_budget = RetryBudget(
@@ -329,7 +330,7 @@ class Guardrails:
 
     def route_resolver(self) -> RouteResolver:
         """A fresh resolver of requests to :class:`~guardrails.policy.ResolvedRoute`."""
-        return RouteResolver(self._policies, self.default_policy, self._bulkhead_for)
+        return RouteResolver(self._policies, self.default_policy, self._bulkheads)
 
     def snapshot(self) -> dict[str, Any]:
         """The guard's state as plain data, for health endpoints, logs and tests."""
@@ -354,21 +355,6 @@ class Guardrails:
         }
         snapshot["status"] = self.health.judge(snapshot)[0]
         return snapshot
-
-    def _bulkhead_for(self, chosen: Policy, template: str) -> str | None:
-        if chosen.max_concurrency is None:
-            return None
-        # Routes sharing one Policy object share its sub-limit; keep the object alive
-        # so its id cannot be reused by another policy.
-        known = self._bulkheads.get(id(chosen))
-        if known is not None:
-            self.telemetry.route_in_bulkhead(template, known[1])
-            return known[1]
-        taken = {name for _, name in self._bulkheads.values()}
-        name = template if template not in taken else f"{template}#{len(taken) + 1}"
-        self._bulkheads[id(chosen)] = (chosen, name)
-        self.telemetry.route_in_bulkhead(template, name)
-        return self.limiter.bulkhead(name, chosen.max_concurrency)
 
     # -- outbound calls (GuardedTransport) -----------------------------------------------
 
