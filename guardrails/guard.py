@@ -1,7 +1,10 @@
 """The ``Guardrails`` object: the one place where limiter, policies and modes are put together.
 
 Build one per process, hand it to :class:`~guardrails.asgi.middleware.GuardrailsMiddleware`,
-and ask it for :meth:`Guardrails.snapshot` to see what it is doing.
+and ask it for :meth:`Guardrails.snapshot` to see what it is doing. It builds the parts
+and hands work to them: ``guard.read`` / ``guard.write`` to :mod:`guardrails.guarded_calls`,
+the checks on its arguments to :mod:`guardrails.guard_checks`, what pool watchers report
+to :mod:`guardrails.pool_reports`, route sub-limits to :mod:`guardrails.bulkheads`.
 """
 
 from __future__ import annotations
