@@ -1,39 +1,52 @@
 """The ``Guardrails`` object: the one place where limiter, policies and modes are put together.
 
 Build one per process, hand it to :class:`~guardrails.asgi.middleware.GuardrailsMiddleware`,
-and ask it for :meth:`Guardrails.snapshot` to see what it is doing.
+and ask it for :meth:`Guardrails.snapshot` to see what it is doing. It builds the parts
+and hands work to them: ``guard.read`` / ``guard.write`` to :mod:`guardrails.guarded_calls`,
+the checks on its arguments to :mod:`guardrails.guard_checks`, what pool watchers report
+to :mod:`guardrails.pool_reports`, route sub-limits to :mod:`guardrails.bulkheads`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from guardrails import context
 from guardrails.adaptive import AdaptiveLimit
 from guardrails.asgi.health import HealthEndpoint
 from guardrails.background import Background, Job
 from guardrails.breaker import CLOSED, Breaker, BreakerSettings
 from guardrails.budget import ConnectionBudget
-from guardrails.context import NO_REQUEST
-from guardrails.errors import ErrorKind, GuardrailsError, ReadOnly, Unavailable, classify
-from guardrails.fallback import CREDENTIAL_HEADERS, MemoryCache, ResponseStore
+from guardrails.bulkheads import PolicyBulkheads
+from guardrails.coordination.protocol import Coordinator
+from guardrails.errors import ErrorKind, classify
+from guardrails.fallback import ResponseStore
+from guardrails.guard_checks import (
+    checked_coordinator,
+    checked_error_response,
+    checked_flag,
+    checked_instance,
+    checked_policies,
+    checked_slots,
+    checked_store,
+    credential_headers,
+)
+from guardrails.guarded_calls import guarded
 from guardrails.limiter import ConcurrencyLimiter
 from guardrails.observe.sampler import SAMPLE_INTERVAL, Sampler
 from guardrails.observe.telemetry import Telemetry
 from guardrails.observe.triage import Diagnosis, EarlyWarning, Sample, Warning_, refused_as_too_many
 from guardrails.policy import Policy
+from guardrails.pool_reports import PoolReports
 from guardrails.pools import checked_threshold
-from guardrails.retry import RetryBudget, RetrySettings, call_with_retries
+from guardrails.retry import RetryBudget, RetrySettings
 from guardrails.routing import RouteResolver
 
 __all__ = ["Guardrails"]
@@ -42,21 +55,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 logger = logging.getLogger("guardrails")
-
-
-class Coordinator(Protocol):
-    """Shares the connection budget and the breaker state among processes.
-
-    ``attach(guard)`` is called once by the guard's constructor; ``start()`` by the
-    guard's background work, on the app's event loop (it runs until ``aclose()``). It drives
-    ``guard.limiter.set_limit`` with the slots it holds, and ``guard.breaker``'s
-    ``force_open`` / ``force_close`` / ``hold`` with the shared state.
-    """
-
-    def attach(self, guard: Guardrails) -> None: ...
-    async def start(self) -> None: ...
-    async def aclose(self) -> None: ...
-    def snapshot(self) -> dict[str, Any]: ...
 
 
 ErrorResponseFactory = Callable[[Request, str, int], "Response | None"]
@@ -110,19 +108,11 @@ class Guardrails:
         coordinator: Coordinator | None = None,
         identity_headers: Iterable[str] = (),
     ) -> None:
-        if (concurrency is None) == (budget is None):
-            raise ValueError(
-                "pass exactly one of concurrency=N (slots per process) or "
-                "budget=ConnectionBudget(...) (its per_process becomes the slots)"
-            )
-        if budget is not None:
-            if not isinstance(budget, ConnectionBudget):
-                raise TypeError(f"budget must be a ConnectionBudget, not {budget!r}")
-            concurrency = budget.per_process
-        assert concurrency is not None
+        # Each argument is checked where it is first used, with a message saying what to
+        # change (guard_checks); the parts built from the others check their own.
         self.budget = budget
         self.limiter = ConcurrencyLimiter(
-            concurrency,
+            checked_slots(concurrency, budget),
             max_queue=max_queue,
             queue_timeout=queue_timeout,
             reserve_critical=reserve_critical,
@@ -132,91 +122,47 @@ class Guardrails:
             delay_target_holds=delay_target_holds,
             adaptive=adaptive,
         )
-        if default_policy is not None and not isinstance(default_policy, Policy):
-            raise TypeError(f"default_policy must be a guardrails Policy, not {default_policy!r}")
-        self.default_policy = default_policy if default_policy is not None else Policy()
-        if policies is not None and not isinstance(policies, Mapping):
-            raise TypeError(
-                "policies must be a mapping of path pattern to Policy, e.g. "
-                "{'/reports/{path:path}': Policy(priority='low')}"
-            )
-        self._policies = dict(policies or {})
-        self._bulkheads: dict[int, tuple[Policy, str]] = {}
+        self.default_policy = checked_instance(default_policy, Policy, "default_policy") or Policy()
+        self._policies = checked_policies(policies)
         self._read_only = False
         self._read_only_reason: str | None = None
-        if breaker is not None and not isinstance(breaker, BreakerSettings):
-            raise TypeError(f"breaker must be a guardrails BreakerSettings, not {breaker!r}")
+        breaker = checked_instance(breaker, BreakerSettings, "breaker")
         self.telemetry = Telemetry(self.limiter)
         """Counters and state-change events; add sinks with ``telemetry.add_sink``."""
+        self._bulkheads = PolicyBulkheads(self.limiter, self.telemetry)
         self.breaker = Breaker(breaker, on_change=self.telemetry.breaker_changed)
-        if retry is not None and not isinstance(retry, RetrySettings):
-            raise TypeError(f"retry must be a guardrails RetrySettings, not {retry!r}")
-        self.retry_settings = retry if retry is not None else RetrySettings()
+        self.retry_settings = checked_instance(retry, RetrySettings, "retry") or RetrySettings()
         self.retry_budget = RetryBudget(
             self.retry_settings.budget_ratio,
             self.retry_settings.budget_window,
             self.retry_settings.budget_min_retries,
         )
         self.leak_threshold = checked_threshold(leak_threshold)
-        self._watchers: list[Any] = []
-        if cache == "memory":
-            cache = MemoryCache(max_entries=10_000)
-        if cache is not None and not all(
-            callable(getattr(cache, name, None)) for name in ("get", "set", "delete")
-        ):
-            raise TypeError(
-                f"cache must be a response store such as MemoryCache(max_entries=10_000), "
-                f"not {cache!r}"
-            )
-        self.cache: ResponseStore | None = cache
+        self._pools = PoolReports(self)
+        self.cache: ResponseStore | None = checked_store(cache)
         """Where responses of routes with ``cache_ttl``/``stale_ttl`` are kept: by default
         an in-memory store of 10,000 entries; None when switched off with ``cache=None``."""
-        if isinstance(identity_headers, str | bytes) or not all(
-            isinstance(name, str) and name.strip() for name in identity_headers
-        ):
-            raise TypeError(
-                "identity_headers must be a list of header names, e.g. "
-                f"('x-tenant-token',), not {identity_headers!r}"
-            )
-        self.credential_headers = CREDENTIAL_HEADERS | frozenset(
-            name.strip().lower().encode("latin-1") for name in identity_headers
-        )
+        self.credential_headers = credential_headers(identity_headers)
         """Request headers that say who is asking (lowercase): such requests are cached
         only under a policy's ``cache_key``; the defaults plus ``identity_headers``."""
-        if not isinstance(read_only_on_open, bool):
-            raise TypeError(f"read_only_on_open must be True or False, not {read_only_on_open!r}")
-        self.read_only_on_open = read_only_on_open
-        if error_response is not None and not callable(error_response):
-            raise TypeError(
-                "error_response must be a callable (request, error, retry_after) -> Response "
-                f"or None, not {error_response!r}"
-            )
-        self.error_response = error_response
-        if early_warning is not None and not isinstance(early_warning, EarlyWarning):
-            raise TypeError(
-                f"early_warning must be a guardrails EarlyWarning, not {early_warning!r}"
-            )
-        self.early_warning = early_warning if early_warning is not None else EarlyWarning()
+        self.read_only_on_open = checked_flag(read_only_on_open, "read_only_on_open")
+        self.error_response = checked_error_response(error_response)
+        early_warning = checked_instance(early_warning, EarlyWarning, "early_warning")
+        self.early_warning = early_warning or EarlyWarning()
         self.sampler = Sampler(
             self.limiter,
             self.telemetry,
             self.retry_budget,
-            lambda: [watcher.snapshot() for watcher in self._watchers],
+            lambda: [watcher.snapshot() for watcher in self._pools.watchers],
             self.early_warning,
             self.breaker,
         )
         """Samples the counters each second for the early warnings and the triage."""
         self.background = Background(self._background_jobs)
         """The sampler, the breaker's probe and the coordinator: see :meth:`lifespan`."""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.coordinator = coordinator
+        self.coordinator = checked_coordinator(coordinator)
         """Shares the budget and the breaker with other processes (e.g. RedisCoordinator)."""
         if coordinator is not None:
-            if not all(callable(getattr(coordinator, n, None)) for n in ("attach", "start")):
-                raise TypeError(
-                    f"coordinator must be a guardrails coordinator such as "
-                    f"RedisCoordinator(url), not {coordinator!r}"
-                )
             coordinator.attach(self)
         self.health = HealthEndpoint(self, fail_on=health_fail_on)
         """The health endpoint (an ASGI app): ``Route("/health/guardrails", guard.health)``;
@@ -264,7 +210,7 @@ class Guardrails:
         request's deadline. An outage that remains raises ``Unavailable`` (the driver's
         exception is its ``__cause__``); the app's own errors propagate unchanged.
         """
-        return self._wrap(func, read=True)
+        return guarded(self, func, read=True)
 
     def write(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Guard a write: breaker-gated, never retried, refused in read-only mode.
@@ -272,69 +218,7 @@ class Guardrails:
         In read-only mode the call raises :class:`~guardrails.errors.ReadOnly` without
         running ``func``. Otherwise as :meth:`read`, with a single attempt.
         """
-        return self._wrap(func, read=False)
-
-    def _wrap(self, func: Callable[P, Awaitable[T]], *, read: bool) -> Callable[P, Awaitable[T]]:
-        if not callable(func):
-            kind = "read" if read else "write"
-            raise TypeError(
-                f"guard.{kind} wraps an async function, not {func!r}: "
-                f"@guard.{kind} above `async def ...`, or guard.{kind}(fetch)(args)"
-            )
-
-        @functools.wraps(func)
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await self._guarded_call(lambda: func(*args, **kwargs), read=read)
-
-        return guarded
-
-    async def _guarded_call(self, call: Callable[[], Awaitable[T]], *, read: bool) -> T:
-        ctx = context.current()
-        token = None
-        if ctx is None:  # a job or startup code: this call is its own little request
-            ctx = context.CallContext(NO_REQUEST, guard=self)
-            token = context.enter(ctx)
-        outcome = ctx.outcome
-        try:
-            if not read and self.read_only:
-                retry_after = max(self.limiter.retry_after, self.breaker.retry_after)
-                raise ReadOnly(
-                    self._read_only_reason or "database unavailable", retry_after=retry_after
-                )
-
-            async def attempt() -> T:
-                trial = outcome.begin_call()
-                try:
-                    result = await call()
-                except BaseException as exc:
-                    outcome.call_failed(trial, exc)
-                    raise
-                outcome.call_succeeded(trial)
-                return result
-
-            try:
-                if read and self.retry_settings.attempts > 1:
-                    time_left = None
-                    if ctx.deadline is not None:
-                        time_left = ctx.deadline - anyio.current_time()
-                    return await call_with_retries(
-                        attempt,
-                        self.retry_settings,
-                        self.retry_budget,
-                        self.classify,
-                        time_left=time_left,
-                    )
-                return await attempt()
-            except Exception as exc:
-                if isinstance(exc, GuardrailsError) or self.classify(exc) is not ErrorKind.OUTAGE:
-                    raise
-                raise Unavailable(
-                    "the database is unavailable", retry_after=max(1, self.breaker.retry_after)
-                ) from exc
-        finally:
-            if token is not None:
-                outcome.abandon()  # a pool timeout it caught itself still counts
-                context.leave(token)
+        return guarded(self, func, read=False)
 
     def classify(self, exc: BaseException) -> ErrorKind:
         """What ``exc`` says about the database, with this guard's extra classifiers."""
@@ -356,77 +240,34 @@ class Guardrails:
         request finished are reported as leak suspects. Returns the watcher; its
         ``close()`` stops watching.
         """
-        from guardrails.pools import watch
-
-        self._remember_loop()
-        watcher = watch(pool, sink=self, leak_threshold=self.leak_threshold, name=name)
-        self._watchers.append(watcher)
-        return watcher
+        return self._pools.watch(pool, name)
 
     @property
     def watchers(self) -> tuple[Any, ...]:
         """The :class:`~guardrails.pools.PoolWatcher` of each pool given to
         :meth:`watch_pool`, oldest first (closed ones included)."""
-        return tuple(self._watchers)
+        return tuple(self._pools.watchers)
 
     @property
     def watching(self) -> bool:
         """Whether any pool is watched (then a request proves the database answered only
         when a watched pool handed it a connection)."""
-        return bool(self._watchers)
+        return bool(self._pools.watchers)
 
     def pool_timeout(self, watcher: Any, exc: BaseException) -> None:
         """Called by pool watchers for each pool timeout they see (on any thread)."""
-        adaptive = self.limiter.adaptive
-        if adaptive is not None:
-            adaptive.drop()  # applied by the limiter on the loop, at the window's end
-        ctx = context.current()
-        if ctx is None:
-            pool = getattr(watcher, "name", None)
-            self._on_loop(lambda error: self.breaker.record_outage(error, pool=pool), exc)
-        else:
-            # The request or guarded call records it when it ends, once, even when the
-            # app catches the timeout and answers on its own.
-            ctx.outcome.pool_timed_out(exc, getattr(watcher, "name", None))
+        self._pools.pool_timeout(watcher, exc)
 
     def leak_suspect(self, watcher: Any, info: Any) -> None:
         """Called by pool watchers for each leak suspect (on any thread): logged and sent
         to every sink."""
-        self._on_loop(self._report_leak, info)
-
-    def _report_leak(self, info: Any) -> None:
-        self.telemetry.event(
-            "leak_suspect",
-            key=f"{info.pool}:{info.route}",
-            level=logging.WARNING,
-            message=info.describe(),
-            **info.as_dict(),
-        )
-
-    def _remember_loop(self) -> None:
-        # Set up before the app runs, there is no loop yet: the background work remembers it.
-        with contextlib.suppress(RuntimeError):
-            self._loop = asyncio.get_running_loop()
-
-    def _on_loop(self, func: Callable[[Any], None], arg: Any) -> None:
-        """Run ``func(arg)`` on the app's event loop, also when a sync pool calls from a
-        worker thread: breaker listeners, probes and sinks expect the loop's thread."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(func, arg)
-                return
-        func(arg)
+        self._pools.leak_suspect(info)
 
     # -- background work -----------------------------------------------------------------
 
     async def __aenter__(self) -> Guardrails:
         """Run the background work (sampler, probe, coordinator) until the block ends."""
-        self._remember_loop()
+        self._pools.remember_loop()
         await self.background.__aenter__()
         return self
 
@@ -447,7 +288,7 @@ class Guardrails:
         return jobs
 
     async def _sample_forever(self) -> None:
-        self._remember_loop()
+        self._pools.remember_loop()
         while True:
             self.sampler.sample()
             await anyio.sleep(SAMPLE_INTERVAL)
@@ -492,7 +333,7 @@ class Guardrails:
 
     def route_resolver(self) -> RouteResolver:
         """A fresh resolver of requests to :class:`~guardrails.policy.ResolvedRoute`."""
-        return RouteResolver(self._policies, self.default_policy, self._bulkhead_for)
+        return RouteResolver(self._policies, self.default_policy, self._bulkheads)
 
     def snapshot(self) -> dict[str, Any]:
         """The guard's state as plain data, for health endpoints, logs and tests."""
@@ -508,7 +349,7 @@ class Guardrails:
             "retry": self.retry_budget.snapshot(),
             "cache": self.cache.snapshot() if self.cache is not None else None,
             "budget": self.budget.to_dict() if self.budget is not None else None,
-            "pools": [watcher.snapshot() for watcher in self._watchers],
+            "pools": [watcher.snapshot() for watcher in self._pools.watchers],
             "telemetry": self.telemetry.snapshot(),
             "warnings": [warning.to_dict() for warning in self.warnings()],
             "triage": self.diagnosis.to_dict(),
@@ -517,21 +358,6 @@ class Guardrails:
         }
         snapshot["status"] = self.health.judge(snapshot)[0]
         return snapshot
-
-    def _bulkhead_for(self, chosen: Policy, template: str) -> str | None:
-        if chosen.max_concurrency is None:
-            return None
-        # Routes sharing one Policy object share its sub-limit; keep the object alive
-        # so its id cannot be reused by another policy.
-        known = self._bulkheads.get(id(chosen))
-        if known is not None:
-            self.telemetry.route_in_bulkhead(template, known[1])
-            return known[1]
-        taken = {name for _, name in self._bulkheads.values()}
-        name = template if template not in taken else f"{template}#{len(taken) + 1}"
-        self._bulkheads[id(chosen)] = (chosen, name)
-        self.telemetry.route_in_bulkhead(template, name)
-        return self.limiter.bulkhead(name, chosen.max_concurrency)
 
     # -- outbound calls (GuardedTransport) -----------------------------------------------
 

@@ -2,6 +2,8 @@
 
 - :mod:`~guardrails.coordination.coordinator`: :class:`RedisCoordinator`, which runs
   the parts below on the guard's event loop;
+- :mod:`~guardrails.coordination.protocol`: :class:`Coordinator`, what a guard asks of
+  any coordinator;
 - :mod:`~guardrails.coordination.lease`: the slots a process leases from the budget;
 - :mod:`~guardrails.coordination.shared_breaker`: the breaker state shared over Redis;
 - :mod:`~guardrails.coordination.events`: the pub/sub channel: breaker news, requests for slots;

@@ -1,7 +1,7 @@
-"""The circuit breaker in front of the database: stop calling a pool that cannot serve.
+"""The circuit breaker's state machine: stop calling a pool that cannot serve.
 
-An explicit state machine; :mod:`pybreaker` keeps the state and the consecutive
-failure count, and nothing outside this module knows it exists::
+An explicit state machine; pybreaker (behind :mod:`guardrails.breaker._pybreaker`)
+keeps the state and the consecutive failure count::
 
     closed    --fail_max outages in a row------------------------------> open
     open      --reset_timeout over, a caller is admitted (no probe)-----> half_open
@@ -15,19 +15,9 @@ Only one trial runs at a time: the caller holding the :class:`Trial`, or the pro
 everyone else is refused with :class:`~guardrails.errors.Unavailable` at once. The
 open period is measured on a monotonic clock, so a wall-clock jump cannot shorten it.
 
-pybreaker's own async support does not fit asyncio (``call_async`` needs tornado;
-``call(async_fn)`` records a success when the coroutine is created), so a call's
-*outcome* is handed to pybreaker here, through ``call`` with a synchronous function
-that returns (success) or raises a stand-in (outage). Outcomes are classified first
-(:func:`guardrails.errors.classify`): only outages count as failures, the app's own
-errors mean the database answered, and cancellation records nothing.
-
-With ``BreakerSettings(probe=...)`` no user request is spent on a trial: the probe
-(e.g. ``SELECT 1``) runs every ``probe_interval`` while the breaker is open and closes
-it as soon as it succeeds, whatever ``reset_timeout`` says. :meth:`Breaker.run_probe`
-is the loop; the guard's background task group runs it, and the breaker starts it on
-its own asyncio loop when nothing else does. Where no probe can run (no loop of its
-own, e.g. trio without the guard's lifespan), user requests are the trials again.
+Outcomes are classified first (:func:`guardrails.errors.classify`): only outages count
+as failures, the app's own errors mean the database answered, and cancellation records
+nothing. With a probe (:mod:`guardrails.breaker.probe`) no user request is a trial.
 """
 
 from __future__ import annotations
@@ -36,107 +26,29 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from enum import Enum
-from typing import Any, NoReturn
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
 
 import anyio
-import pybreaker
 
-from guardrails.errors import Classifier, ErrorKind, Unavailable, classify
+from guardrails.breaker._pybreaker import Circuit
+from guardrails.breaker.probe import ProbeLoop
+from guardrails.breaker.settings import BreakerSettings, Probe
+from guardrails.breaker.state import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    Announcer,
+    BreakerState,
+    StateListener,
+    outage_record,
+)
+from guardrails.errors import ErrorKind, Unavailable, classify
 
-__all__ = ["Breaker", "BreakerSettings", "BreakerState", "Trial", "describe_outage"]
+__all__ = ["Breaker", "Trial"]
 
 logger = logging.getLogger("guardrails.breaker")
-
-
-class BreakerState(str, Enum):
-    """The breaker's states; the values are what snapshots and health show."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-CLOSED = BreakerState.CLOSED
-OPEN = BreakerState.OPEN
-HALF_OPEN = BreakerState.HALF_OPEN
-_FROM_PYBREAKER = {
-    pybreaker.STATE_CLOSED: CLOSED,
-    pybreaker.STATE_OPEN: OPEN,
-    pybreaker.STATE_HALF_OPEN: HALF_OPEN,
-}
-
-Probe = Callable[[], Awaitable[object]]
-"""An async callable that succeeds when the database can serve again."""
-
-
-def _seconds(value: object, name: str) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerSettings:
-    """How the breaker decides that the database is down, and how it tests recovery.
-
-    ``fail_max`` consecutive outages (pool timeouts, refused or dropped connections,
-    ``too many connections``) open it. Without a probe, one user request is let
-    through as a trial once ``reset_timeout`` seconds have passed (half-open); it
-    closes the breaker on success and opens it again on failure.
-
-    ``probe``, an async callable such as ``lambda: ping(engine)``, makes the breaker
-    test recovery itself, every ``probe_interval`` seconds while open, each run cut
-    off after ``probe_timeout``: it closes within about one ``probe_interval`` of the
-    database accepting connections, and no user request is spent on a trial.
-    ``classifiers`` are extra rules for :func:`guardrails.errors.classify`.
-    """
-
-    fail_max: int = 5
-    reset_timeout: float = 30.0
-    probe: Probe | None = None
-    probe_timeout: float = 2.0
-    probe_interval: float = 1.0
-    classifiers: tuple[Classifier, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.fail_max, bool) or not isinstance(self.fail_max, int):
-            raise TypeError(f"fail_max must be a whole number, not {self.fail_max!r}")
-        if self.fail_max < 1:
-            raise ValueError(
-                f"fail_max must be >= 1, not {self.fail_max}: it is how many outages in a "
-                "row open the breaker (5 is a common choice)"
-            )
-        for name in ("reset_timeout", "probe_timeout", "probe_interval"):
-            object.__setattr__(self, name, _seconds(getattr(self, name), name))
-        if self.probe is not None and not callable(self.probe):
-            raise TypeError(
-                f"probe must be an async callable taking no arguments, not {self.probe!r}"
-            )
-        object.__setattr__(self, "classifiers", tuple(self.classifiers))
-
-
-def describe_outage(outage: dict[str, Any]) -> str:
-    """Words for a :attr:`Breaker.last_outage`: ``OperationalError on /items/{id} (pool
-    main)``, ``TimeoutError (pool main)``, ``OperationalError in the recovery probe``."""
-    where = " in the recovery probe" if outage.get("probe") else ""
-    if outage.get("route"):
-        where += f" on {outage['route']}"
-    if outage.get("pool"):
-        where += f" (pool {outage['pool']})"
-    return f"{outage.get('error') or 'an outage'}{where}"
-
-
-StateListener = Callable[[str | None, str, dict[str, Any]], None]
-"""Hears a breaker transition as ``(old, new, snapshot)``; must not block or raise."""
-
 
 _UNPROVEN_TRIALS_TRUSTED = 3
 """Half-open trials in a row that succeed without a watched checkout before one counts."""
@@ -150,26 +62,6 @@ class Trial:
     def __init__(self, breaker: Breaker) -> None:
         self.breaker = breaker
         self.done = False
-
-
-class _Outage(Exception):
-    """Stands in for an outage when its outcome is handed to pybreaker."""
-
-
-def _succeed() -> None:
-    return None
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    raise exc
-
-
-class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, moved: Callable[[BreakerState | None, BreakerState], None]) -> None:
-        self.moved = moved
-
-    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
-        self.moved(_FROM_PYBREAKER.get(str(getattr(old_state, "name", ""))), new_state.name)
 
 
 _STOPPING = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
@@ -196,19 +88,14 @@ class Breaker:
         if not isinstance(self.settings, BreakerSettings):
             raise TypeError(f"breaker must be a BreakerSettings, not {settings!r}")
         self.name = name
-        self._on_change = on_change
-        self._listeners: list[StateListener] = []
+        self._announcer = Announcer(on_change)
         self._clock = clock
         self.state: BreakerState = CLOSED
         """``"closed"``, ``"open"`` or ``"half_open"`` (a :class:`BreakerState`)."""
         self._opened_at: float | None = None
         self._opened_wall: datetime | None = None
-        self._probe_due = 0.0
         self._trial: Trial | None = None
         self._unproven = 0
-        self._probe_runners = 0
-        self._own_probe: asyncio.Task[None] | None = None
-        self._wake: anyio.Event | None = None
         self.transitions = 0
         """Number of state changes since the breaker was made."""
         self.last_outage: dict[str, Any] | None = None
@@ -225,12 +112,12 @@ class Breaker:
         self.hold = False
         """While True, an open breaker stays open past ``reset_timeout``: no trial, no
         probe. A coordinator sets it so that one process of many tests recovery."""
-        self._cb = pybreaker.CircuitBreaker(
+        self._probe = ProbeLoop(self, self._probe_once)
+        self._circuit = Circuit(
             fail_max=self.settings.fail_max,
             reset_timeout=self.settings.reset_timeout,
-            throw_new_error_on_trip=False,
-            listeners=[_Listener(self._moved)],
             name=name,
+            moved=self._moved,
         )
 
     # -- admission ---------------------------------------------------------------------
@@ -253,15 +140,12 @@ class Breaker:
     @property
     def failures(self) -> int:
         """Consecutive outages counted so far (reset by any success)."""
-        return int(self._cb.fail_counter)
+        return self._circuit.failures
 
     @property
     def probing(self) -> bool:
         """Whether a probe loop is running to test recovery (so users are never trials)."""
-        if self.settings.probe is None:
-            return False
-        own = self._own_probe
-        return self._probe_runners > 0 or (own is not None and not own.done())
+        return self._probe.running
 
     @property
     def retry_after(self) -> int:
@@ -270,7 +154,7 @@ class Breaker:
             return 0
         if self.state is HALF_OPEN or self._opened_at is None:
             return 1
-        due = self._probe_due if self.probing else self._opened_at + self.settings.reset_timeout
+        due = self._probe.due if self.probing else self._opened_at + self.settings.reset_timeout
         return max(1, math.ceil(due - self._clock()))
 
     def admit(self) -> Trial | None:
@@ -285,12 +169,12 @@ class Breaker:
             return None
         if self.state is OPEN:
             if self.settings.probe is not None:
-                self._start_own_probe()
+                self._probe.start_own()
                 if self.probing:
                     raise self.unavailable()
             if not self._trial_due():
                 raise self.unavailable()
-            self._cb.half_open()
+            self._circuit.half_open()
         if self._trial is not None:
             raise self.unavailable()
         self._trial = Trial(self)
@@ -374,14 +258,14 @@ class Breaker:
         For coordinators: another process opened its breaker for the same database.
         """
         if self.state is not OPEN:
-            self._cb.open()
+            self._circuit.open()
         self._opened_at = self._clock() - self.settings.reset_timeout + max(0.0, remaining)
 
     def force_close(self) -> None:
         """Close now (if not closed): another process's trial found the database back."""
         if self.state is not CLOSED:
             self._drop_trial()
-            self._cb.close()
+            self._circuit.close()
 
     def opened_remaining(self) -> float:
         """Seconds left of the open period (0 unless open)."""
@@ -391,14 +275,11 @@ class Breaker:
 
     def add_listener(self, listener: StateListener) -> None:
         """Also call ``listener(old, new, snapshot)`` on every transition (e.g. a coordinator)."""
-        if not callable(listener):
-            raise TypeError(f"listener must be a callable (old, new, snapshot), not {listener!r}")
-        self._listeners.append(listener)
+        self._announcer.add(listener)
 
     def remove_listener(self, listener: StateListener) -> None:
         """Stop calling ``listener``; no error if it was not added."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        self._announcer.remove(listener)
 
     def snapshot(self) -> dict[str, Any]:
         """State, failure count, opened-at, retry_after and settings as plain data."""
@@ -429,29 +310,11 @@ class Breaker:
         ``guard.lifespan``); under asyncio the breaker also starts it itself when it
         opens with nothing else running it.
         """
-        probe = self.settings.probe
-        if probe is None:
-            return
-        self._probe_runners += 1
-        try:
-            while True:
-                if self.state is not OPEN:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                wait = self._probe_due - self._clock()
-                if wait > 0:
-                    await anyio.sleep(wait)
-                elif self.hold:
-                    # Another process tests recovery for the fleet.
-                    await anyio.sleep(self.settings.probe_interval)
-                else:
-                    await self._probe_once(probe)
-        finally:
-            self._probe_runners -= 1
+        await self._probe.run()
 
     async def _probe_once(self, probe: Probe) -> None:
-        self._cb.half_open()
+        # One probe run is the half-open trial; the loop in probe.py decides when.
+        self._circuit.half_open()
         trial = self._trial = Trial(self)
         outcome: BaseException | None = None
         try:
@@ -470,21 +333,9 @@ class Breaker:
         if outcome is not None:
             logger.info("%s breaker probe failed: %s", self.name, type(outcome).__name__)
 
-    def _start_own_probe(self) -> None:
-        if self.probing:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not asyncio (or no loop): user requests are the trials
-        self._own_probe = loop.create_task(self.run_probe(), name=f"guardrails-probe-{self.name}")
-
     async def aclose(self) -> None:
         """Stop the probe the breaker started itself, if any."""
-        task, self._own_probe = self._own_probe, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._probe.aclose()
 
     # -- transitions -------------------------------------------------------------------
 
@@ -508,28 +359,16 @@ class Breaker:
         *,
         probe: bool = False,
     ) -> None:
-        # pybreaker raises the failure back at us: hand it a stand-in, so the caller's
-        # own exception keeps its traceback free of pybreaker's frames.
         try:
             if failed:
-                error = type(exc).__name__ if exc else "outage"
-                at = datetime.now(timezone.utc).isoformat()
-                self.last_outage = {
-                    "error": error,
-                    "route": route,
-                    "pool": pool,
-                    "probe": probe,
-                    "at": at,
-                }
+                self.last_outage = outage_record(exc, route, pool, probe)
                 self._feeding = True  # a transition now was caused by this outage
-                self._cb.call(_fail, _Outage(error))
+                self._circuit.failed(self.last_outage["error"])
             else:
-                self._cb.call(_succeed)
-        except _Outage:
-            pass
+                self._circuit.succeeded()
         finally:
             self._feeding = False
-        self.counting = self.state is not CLOSED or bool(self._cb.fail_counter)
+        self.counting = self.state is not CLOSED or bool(self._circuit.failures)
 
     def _drop_trial(self) -> None:
         # The state moved on without the trial's verdict (another process, the probe):
@@ -538,8 +377,7 @@ class Breaker:
         if trial is not None:
             trial.done = True
 
-    def _moved(self, old: BreakerState | None, new_name: str) -> None:
-        new = _FROM_PYBREAKER[new_name]
+    def _moved(self, old: BreakerState | None, new: BreakerState) -> None:
         self.state = new
         self.transitions += 1
         if new is not HALF_OPEN:
@@ -548,40 +386,11 @@ class Breaker:
             self.opened_by = self.last_outage if self._feeding else None
             self._opened_at = self._clock()
             self._opened_wall = datetime.now(timezone.utc)
-            self._probe_due = self._opened_at + self.settings.probe_interval
             self._drop_trial()
-            if self.settings.probe is not None:
-                wake, self._wake = self._wake, None
-                if wake is not None:
-                    wake.set()
-                self._start_own_probe()
+            self._probe.opened(self._opened_at)
         elif new is CLOSED:
             self.opened_by = None
             self._opened_at = None
             self._opened_wall = None
             self._drop_trial()
-        self._announce(old, new)
-
-    def _announce(self, old: BreakerState | None, new: BreakerState) -> None:
-        snapshot = self.snapshot()
-        was = old.value if old is not None else None
-        cause = describe_outage(self.opened_by) if new is OPEN and self.opened_by else ""
-        logger.log(
-            logging.WARNING if new is OPEN else logging.INFO,
-            "%s circuit breaker %s -> %s (failures %d, retry after %ds%s)",
-            self.name,
-            was or "?",
-            new.value,
-            snapshot["failures"],
-            snapshot["retry_after"],
-            f"; opened by {cause}" if cause else "",
-            extra={"guardrails": {"event": "breaker_state", "old": was, **snapshot}},
-        )
-        for listener in (self._on_change, *self._listeners):
-            if listener is None:
-                continue
-            try:
-                listener(was, new.value, snapshot)
-            except Exception:
-                # A listener's bug must not undo a transition already made.
-                logger.exception("%s breaker listener %r failed", self.name, listener)
+        self._announcer.announce(self.name, old, new, self.snapshot(), self.opened_by)
