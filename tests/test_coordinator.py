@@ -39,6 +39,7 @@ import guardrails as gr
 from guardrails.breaker import Breaker
 from guardrails.coordination.coordinator import RedisCoordinator
 from guardrails.coordination.lua import Keys
+from guardrails.coordination.shared_breaker import SharedBreaker
 
 pytestmark = pytest.mark.anyio
 
@@ -344,6 +345,26 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         await wait_until(lambda: all(g.breaker.state == "closed" for g in guards), within=1)
         half_open = [g.telemetry.breaker_transitions.get("half_open", 0) for g in guards]
         assert sum(half_open) == 1  # one trial for the fleet, not one per process
+
+
+def test_a_renewal_answered_before_a_trial_closed_the_breaker_does_not_reopen_it() -> None:
+    breaker = Breaker(gr.BreakerSettings(fail_max=1, reset_timeout=30.0))
+    shared = SharedBreaker(breaker, "me", Keys.of("race"), lambda: None)
+    opening = "1700000000000:other"
+    shared.on_message(f"open 0 other {opening}".encode())  # another process opened it
+    assert breaker.state == "open"
+    breaker.hold = False  # its open period is over and this process has the trial lock
+    trial = breaker.admit()
+    assert breaker.state == "half_open"
+    breaker.record(trial)  # the database answered
+    assert breaker.state == "closed"
+    assert shared.pending == "closed"  # to be told at the next exchange
+    # A renewal sent before the trial ended comes back with the opening still on record:
+    # it is older than this process's news, which Redis has not heard yet.
+    shared.reconcile(0, opening)
+    assert breaker.state == "closed"
+    assert shared.pending == "closed"
+    assert breaker.transitions == 3  # open, half_open, closed: one trial
 
 
 async def test_an_opening_before_the_first_lease_is_told_to_the_others(redis_url: str) -> None:
