@@ -215,6 +215,8 @@ async def test_a_redis_stall_keeps_each_guard_within_its_lease(
         try:
             load.start(0, 10)
             load.start(1, 10)
+            # A budget new to this Redis settles for one lease TTL (3 s) first: no grants.
+            await wait_until(lambda: settled(guards), within=3 * 3.0)
             await wait_until(lambda: sharing(guards, 6), within=4)
             server.pause()  # calls time out (0.25 s) and the retry too, as in a stall
             try:
