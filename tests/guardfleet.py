@@ -36,11 +36,13 @@ async def fleet(
     per_process: int | None = None,
     breaker: gr.BreakerSettings | None = None,
     lease_ttl: float = TTL,
+    adaptive: dict[int, gr.AdaptiveLimit] | None = None,
 ) -> AsyncIterator[list[gr.Guardrails]]:
     """``count`` guards sharing one budget through Redis, their coordinators running.
 
     ``url`` is a Redis URL, or a function making each guard a client of its own (the
-    clients stay the caller's: closed here after the guards).
+    clients stay the caller's: closed here after the guards). ``adaptive`` gives the
+    guards at those indexes an adaptive limit.
     """
     clients: list[Any] = []
 
@@ -56,6 +58,7 @@ async def fleet(
             queue_timeout=5.0,
             max_queue=1000,
             breaker=breaker,
+            adaptive=(adaptive or {}).get(index),
             coordinator=RedisCoordinator(
                 target(),
                 budget=budget,
@@ -64,7 +67,7 @@ async def fleet(
                 lease_ttl=lease_ttl,
             ),
         )
-        for _ in range(count)
+        for index in range(count)
     ]
     tasks = [asyncio.create_task(g.coordinator.start()) for g in guards]  # type: ignore[union-attr]
     try:

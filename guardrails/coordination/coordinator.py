@@ -273,6 +273,7 @@ class RedisCoordinator:
             "budget": self.budget,
             "per_process": self.per_process,
             "held": lease.held if connected else None,
+            "share": lease.held if lease.ever_leased else None,
             "want": lease.want,
             "limit": guard.limiter.limit if guard is not None else None,
             "processes": lease.processes if connected else None,

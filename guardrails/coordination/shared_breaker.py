@@ -147,8 +147,12 @@ class SharedBreaker:
         """The renewal's view of the shared breaker: catches a missed pub/sub message.
 
         ``remaining_ms`` is what is left of the open period on record (-1: no opening on
-        record), ``opening`` the breaker key's value.
+        record), ``opening`` the breaker key's value. While news of ours is pending, the
+        answer is older than it (e.g. a trial closed the breaker while the renewal was on
+        its way): it is told first, and the next renewal reconciles.
         """
+        if self.pending is not None:
+            return
         state = self.breaker.state
         if remaining_ms >= 0:
             if state != HALF_OPEN:
@@ -156,7 +160,7 @@ class SharedBreaker:
                 self.opening = opening
             if state == CLOSED:
                 self._apply_open(remaining_ms / 1000)
-        elif state != CLOSED and self.pending is None:
+        elif state != CLOSED:
             if self._source_open:
                 # Redis lost the news (restarted): tell it again, unless another
                 # process has told it of a newer opening meanwhile.
