@@ -350,8 +350,8 @@ async def test_an_open_breaker_is_seen_by_every_guard_and_one_trial_closes_it(
         with pytest.raises(ConnectionRefusedError):
             await call_through(first.breaker, refused)
         assert first.breaker.state == "open"
-        seen = await wait_until(lambda: all(g.breaker.state == "open" for g in others), within=1)
-        assert seen < 1.0
+        # That it arrives; how soon depends on the machine's load and is not asserted.
+        await wait_until(lambda: all(g.breaker.state == "open" for g in others), within=5)
         for guard in others:
             with pytest.raises(gr.Unavailable):
                 guard.breaker.admit()
