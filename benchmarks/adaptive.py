@@ -1,0 +1,598 @@
+"""Adaptive limit: CPU-bound queries on a small database, fixed concurrency 20 vs adaptive.
+
+Both servers have a SQLAlchemy pool of 20 and ``Guardrails(concurrency=20)``; the second
+adds ``adaptive=gr.AdaptiveLimit()`` with the library's defaults. The route runs
+``SELECT bench_work(N)``, a SQL function around ``select count(*) from
+generate_series(1, N)``, with N calibrated so that one query alone takes about 20 ms.
+First the database's capacity is measured (queries/s at its best concurrency, closed
+loop straight to PostgreSQL). Then each server gets, open loop:
+
+1. calm: 0.5x capacity, so the adaptive limit learns its baseline;
+2. contention: 2x capacity;
+3. recovery: back to 0.5x capacity;
+4. outside slowdown, still at 0.5x: for 10 s the benchmark redefines ``bench_work``
+   from its own connection to ``pg_sleep`` 30 ms before counting, then restores it.
+
+The app records the limit every 100 ms and each adaptive window; the chart goes to
+docs/adaptive.png.
+
+    .venv/bin/python benchmarks/adaptive.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import _harness as h
+import asyncpg
+
+SLOTS = 20
+"""The connection budget: pool size and ``concurrency`` of both servers."""
+QUERY_ALONE = 0.020
+"""What one query alone should take, once N is calibrated."""
+CALM, OVERLOAD = 0.5, 2.0
+"""Load as multiples of the measured capacity."""
+SLOW_SLEEP = 0.030
+"""What the outside slowdown adds to every query (``pg_sleep``, not CPU)."""
+RECOVERED = 0.9
+"""The limit counts as recovered at this share of the ceiling (18 of 20)."""
+LEVELS = (1, 2, 3, 4, 6, 8, 12, 20)
+"""Concurrencies at which the database's capacity is measured."""
+VARIANTS = {"fixed": "fixed, concurrency 20", "adaptive": "AdaptiveLimit(), ceiling 20"}
+STEADY_AFTER = 5.0
+"""Requests due this many seconds into the 2x phase count as its steady state."""
+CHART = h.ROOT / "docs" / "adaptive.png"
+
+WORK = "CREATE OR REPLACE FUNCTION bench_work(n int) RETURNS bigint LANGUAGE sql AS $$ {} $$"
+NORMAL = WORK.format("select count(*) from generate_series(1, n)")
+SLOWED = WORK.format(f"select pg_sleep({SLOW_SLEEP}); select count(*) from generate_series(1, n)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calm", type=float, default=5.0, help="seconds at 0.5x first")
+    parser.add_argument("--overload", type=float, default=15.0, help="seconds at 2x capacity")
+    parser.add_argument("--recovery", type=float, default=16.0, help="seconds at 0.5x after it")
+    parser.add_argument("--slowdown", type=float, default=10.0, help="seconds slowed from outside")
+    parser.add_argument("--after", type=float, default=10.0, help="seconds at 0.5x after that")
+    parser.add_argument("--chart", type=Path, default=CHART, help="where to draw the chart")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an experiment: give AdaptiveLimit this setting (the benchmark uses the defaults)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: shorter phases, fewer capacity levels"
+    )
+
+
+# -- what the windows say (pure helpers, tested in tests/test_bench_adaptive.py) --------
+
+
+def reached(limits: Sequence[int]) -> int | None:
+    """Windows until the limit first comes near where it ends up (see :func:`settled_after`)."""
+    if not limits:
+        return None
+    final, band = _final(limits)
+    return next(i + 1 for i, limit in enumerate(limits) if abs(limit - final) <= band)
+
+
+def _final(limits: Sequence[int]) -> tuple[float, float]:
+    final = statistics.median(limits[len(limits) // 2 :])
+    return final, max(2.0, 0.2 * final)
+
+
+def settled_after(limits: Sequence[int]) -> int | None:
+    """Windows until the limit stays near where it ends up; None if it never does.
+
+    Where it ends up is the median of the second half of ``limits``; near is within
+    ``max(2, 20 %)`` of that. The answer is the window (1-based) from which on every
+    window left the limit near it.
+    """
+    if not limits:
+        return None
+    final, band = _final(limits)
+    count = len(limits)
+    for i in range(count - 1, -1, -1):
+        if abs(limits[i] - final) > band:
+            return i + 2 if i + 1 < count else None
+    return 1
+
+
+def windows_until(limits: Sequence[int], at_least: float) -> int | None:
+    """Windows until the limit first reaches ``at_least`` (1-based; 0 if it already had)."""
+    for i, limit in enumerate(limits):
+        if limit >= at_least:
+            return i + 1
+    return None
+
+
+def in_span(windows: Sequence[dict[str, Any]], start: float, end: float) -> list[dict[str, Any]]:
+    """The windows that ended in ``[start, end)`` (times on ``time.monotonic()``)."""
+    return [w for w in windows if start <= w["ended"] < end]
+
+
+def load_figures(outcomes: Sequence[h.Outcome], duration: float) -> dict[str, Any]:
+    """Goodput (2xx per second of arrivals), 2xx latency, sheds, for one phase."""
+    ok = [o.latency for o in outcomes if o.status is not None and 200 <= o.status < 300]
+    return {
+        "sent": len(outcomes),
+        "ok": len(ok),
+        "shed": sum(1 for o in outcomes if o.status == 503),
+        "other": sum(1 for o in outcomes if o.status not in (200, 503)),
+        "goodput": len(ok) / duration,
+        "ok_p50": h.percentile(ok, 0.5),
+        "ok_p99": h.percentile(ok, 0.99),
+        "ok_max": max(ok, default=math.nan),
+    }
+
+
+# -- the database -----------------------------------------------------------------------
+
+
+async def _timed(conn: asyncpg.Connection, n: int, times: int) -> float:
+    # The fastest of a few: on a shared machine the others waited for a core too.
+    took = []
+    for _ in range(times):
+        started = time.perf_counter()
+        await conn.fetchval("SELECT bench_work($1)", n)
+        took.append(time.perf_counter() - started)
+    return min(took)
+
+
+async def _calibrate(dsn: str) -> tuple[int, float]:
+    """N such that ``bench_work(N)`` alone takes about ``QUERY_ALONE``, and what it took."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(NORMAL)
+        n = 100_000
+        await _timed(conn, n, 3)  # warm up
+        for _ in range(3):
+            n = max(1000, round(n * QUERY_ALONE / await _timed(conn, n, 7)))
+        return n, await _timed(conn, n, 15)
+    finally:
+        await conn.close()
+
+
+async def _capacity(dsn: str, n: int, levels: Sequence[int], seconds: float) -> dict[str, Any]:
+    """Queries/s and mean query time at each concurrency, closed loop, straight to the database."""
+    conns = [await asyncpg.connect(dsn) for _ in range(max(levels))]
+    by_level: dict[int, dict[str, float]] = {}
+    try:
+        for level in levels:
+            done: list[float] = []
+            end = time.monotonic() + seconds
+
+            async def worker(
+                conn: asyncpg.Connection, end: float = end, done: list[float] = done
+            ) -> None:
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    await conn.fetchval("SELECT bench_work($1)", n)
+                    done.append(time.perf_counter() - started)
+
+            started = time.monotonic()
+            await asyncio.gather(*(worker(c) for c in conns[:level]))
+            took = time.monotonic() - started
+            by_level[level] = {"qps": len(done) / took, "mean": statistics.fmean(done)}
+            await asyncio.sleep(0.2)
+    finally:
+        for conn in conns:
+            await conn.close()
+    return _best(by_level)
+
+
+def _best(by_level: dict[int, dict[str, float]]) -> dict[str, Any]:
+    best = max(by_level, key=lambda level: by_level[level]["qps"])
+    return {"qps": by_level[best]["qps"], "best_concurrency": best, "levels": by_level}
+
+
+def _through_app(app: h.Server, levels: Sequence[int], seconds: float) -> dict[str, Any]:
+    """The same, through the fixed server's HTTP route (its limit 20 is above every level)."""
+    by_level: dict[int, dict[str, float]] = {}
+    for level in levels:
+        done = asyncio.run(
+            h.closed_loop(app.port, "/query", concurrency=level, duration=seconds, timeout=5.0)
+        )
+        ok = [took for status, took in done if status == 200]
+        by_level[level] = {"qps": len(ok) / seconds, "mean": statistics.fmean(ok or [math.nan])}
+        time.sleep(0.2)
+    return _best(by_level)
+
+
+# -- one server under the scenario -----------------------------------------------------
+
+
+async def _scenario(
+    port: int, dsn: str, capacity: float, args: argparse.Namespace
+) -> tuple[list[h.Outcome], list[h.Outcome], dict[str, float]]:
+    """Calm, 2x, calm, a slowdown from outside; returns both streams and the phase times."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.1
+    total = args.calm + args.overload + args.recovery + args.slowdown + args.after
+    slow_at = args.calm + args.overload + args.recovery
+    marks = {"start": start}
+    conn = await asyncpg.connect(dsn)
+
+    async def slow_down() -> None:
+        await asyncio.sleep(start + slow_at - loop.time())
+        await conn.execute(SLOWED)
+        marks["slowed"] = loop.time()
+        await asyncio.sleep(start + slow_at + args.slowdown - loop.time())
+        await conn.execute(NORMAL)
+        marks["restored"] = loop.time()
+
+    try:
+        base, extra, _ = await asyncio.gather(
+            h.open_loop(
+                port, "/query", rate=CALM * capacity, duration=total, timeout=8.0, start=start
+            ),
+            h.open_loop(
+                port,
+                "/query",
+                rate=(OVERLOAD - CALM) * capacity,
+                duration=args.overload,
+                timeout=8.0,
+                start=start + args.calm,
+            ),
+            slow_down(),
+        )
+    finally:
+        await conn.execute(NORMAL)
+        await conn.close()
+    # The extra stream's due times count from its own start: shift them onto the run's.
+    extra = [h.Outcome(o.due + args.calm, o.status, o.latency, o.lag, o.stale) for o in extra]
+    return base, extra, marks
+
+
+def _measure(app: h.Server, dsn: str, capacity: float, args: argparse.Namespace) -> dict[str, Any]:
+    app.get_json("/stats/reset")
+    base, extra, marks = asyncio.run(_scenario(app.port, dsn, capacity, args))
+    stats = app.get_json("/stats?trace=1")
+    outcomes = sorted(base + extra, key=lambda o: o.due)
+    start = marks["start"]
+    over_end = args.calm + args.overload
+    slow_at = over_end + args.recovery
+    slow_end = slow_at + args.slowdown
+
+    def due(lo: float, hi: float) -> list[h.Outcome]:
+        return [o for o in outcomes if lo <= o.due < hi]
+
+    windows = [{**w, "at": w["ended"] - start} for w in stats["windows"]]
+
+    def limits(lo: float, hi: float) -> list[int]:
+        return [w["after"] for w in windows if lo <= w["at"] < hi]
+
+    over = limits(args.calm, over_end)
+    recovery = limits(over_end, slow_at)
+    slowed = limits(slow_at, slow_end)
+    after = [w for w in windows if w["at"] >= slow_end]
+    ceiling = stats["limiter"]["configured_limit"]
+    second_half = limits(args.calm + args.overload / 2, over_end)
+    back = windows_until([w["after"] for w in after], RECOVERED * ceiling) if windows else None
+    holds = [w["short"] for w in in_span(windows, args.calm + start, over_end + start)]
+    return {
+        "calm": load_figures(due(0, args.calm), args.calm),
+        "overload": load_figures(due(args.calm, over_end), args.overload),
+        "recovery": load_figures(due(over_end, slow_at), args.recovery),
+        "slowdown": load_figures(due(slow_at, slow_end), args.slowdown),
+        "after": load_figures(due(slow_end, math.inf), args.after),
+        "slowed": [marks["slowed"] - start, marks["restored"] - start],
+        "windows_overload": len(over),
+        "settled_after": settled_after(over) if windows else None,
+        "reached_after": reached(over) if windows else None,
+        "steady": load_figures(
+            due(args.calm + STEADY_AFTER, over_end), args.overload - STEADY_AFTER
+        ),
+        "limit_overload": statistics.median(second_half) if second_half else ceiling,
+        "limit_overload_min": min(over, default=ceiling),
+        "recovered_after": windows_until(recovery, RECOVERED * ceiling) if windows else None,
+        # The lowest point counts the windows after the slowdown until the limit is back:
+        # windows that end just after it still hold slowed samples.
+        "slow_low": min(
+            slowed + [w["after"] for w in after[: back or len(after)]], default=ceiling
+        ),
+        "slow_back_after": back,
+        "slow_back_seconds": None if back is None else after[back - 1]["at"] - slow_end,
+        "baseline": windows[-1]["baseline"] if windows else None,
+        "short_overload": statistics.median([x for x in holds if x]) if holds else None,
+        "limiter": stats["limiter"],
+        "trace": [
+            [t - start, limit, flying, queued] for t, limit, flying, queued in stats["trace"]
+        ],
+        "windows": windows,
+        "points": [[round(o.due, 4), o.status, round(o.latency, 5)] for o in outcomes],
+        "server_lag_p99": h.percentile(stats.get("lag", []), 0.99),
+    }
+
+
+def _settings(pairs: Sequence[str]) -> dict[str, float]:
+    """``--setting name=value`` pairs as keyword arguments for AdaptiveLimit."""
+    settings: dict[str, float] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        settings[name] = int(value) if value.isdigit() else float(value)
+    return settings
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate, measure capacity, run both servers; return (and save) the results."""
+    if args.quick:
+        args.calm, args.overload, args.recovery, args.slowdown, args.after = 3, 6, 8, 4, 5
+    h.raise_fd_limit()
+    results: dict[str, Any] = {
+        "slots": SLOTS,
+        "phases": {
+            "calm": args.calm,
+            "overload": args.overload,
+            "recovery": args.recovery,
+            "slowdown": args.slowdown,
+            "after": args.after,
+        },
+        "slow_sleep": SLOW_SLEEP,
+        "settings": _settings(args.setting),
+        "runs": {},
+    }
+    with h.postgres() as server:
+        dsn = server.dsn()
+        results["postgres"] = h.postgres_version(server)
+        n, alone = asyncio.run(_calibrate(dsn))
+        levels = (1, 2, 4, 20) if args.quick else LEVELS
+        seconds = 1.0 if args.quick else 1.5
+        database = asyncio.run(_capacity(dsn, n, levels, seconds))
+        results.update(n=n, query_alone=alone, database=database)
+        qps = math.nan
+        for variant in VARIANTS:
+            config = {
+                "variant": "guardrails",
+                "dsn": server.dsn("asyncpg"),
+                "pool_size": SLOTS,
+                "concurrency": SLOTS,
+                "work": n,
+                "adaptive": variant == "adaptive" and (_settings(args.setting) or True),
+            }
+            with h.serve(config, f"adaptive-{variant}") as app:
+                if variant == "fixed":
+                    capacity = results["capacity"] = _through_app(app, levels, seconds)
+                    qps = capacity["qps"]
+                    print(
+                        f"  N={n}: {alone * 1000:.1f} ms alone; capacity {qps:.0f}/s through "
+                        f"the app at concurrency {capacity['best_concurrency']} (database "
+                        f"alone: {database['qps']:.0f}/s at {database['best_concurrency']})",
+                        file=sys.stderr,
+                    )
+                r = _measure(app, dsn, qps, args)
+                r["load_average"] = os.getloadavg()
+            results["runs"][variant] = r
+            o = r["overload"]
+            print(
+                f"  {variant}: overload {o['goodput']:.0f} 2xx/s, p99 {h.ms(o['ok_p99'])} ms, "
+                f"{o['shed']} shed; limit {r['limit_overload']}, settled after "
+                f"{r['settled_after']}, recovered after {r['recovered_after']}, "
+                f"slowdown low {r['slow_low']}, back after {r['slow_back_after']}",
+                file=sys.stderr,
+            )
+    results["chart"] = str(plot(results, args.chart))
+    h.save("adaptive", results)
+    return results
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def _ratio(a: float, b: float) -> str:
+    return "-" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
+
+
+def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """The adaptive limit's targets against this run: (name, bar, value, met)."""
+    fixed, adapt = results["runs"]["fixed"]["overload"], results["runs"]["adaptive"]
+    over, steady = adapt["overload"], adapt["steady"]
+    fixed_steady = results["runs"]["fixed"]["steady"]
+    ceiling = results["slots"]
+    settled, recovered = adapt["settled_after"], adapt["recovered_after"]
+    back = adapt["slow_back_after"]
+    return [
+        (
+            "goodput at 2x",
+            ">= fixed",
+            f"{over['goodput']:.0f}/s vs {fixed['goodput']:.0f}/s",
+            over["goodput"] >= fixed["goodput"],
+        ),
+        (
+            "2xx p99 at 2x",
+            "<= fixed / 3",
+            f"{h.ms(over['ok_p99'])} vs {h.ms(fixed['ok_p99'])} ms "
+            f"({_ratio(fixed['ok_p99'], over['ok_p99'])} lower)",
+            over["ok_p99"] * 3 <= fixed["ok_p99"],
+        ),
+        (
+            f"2xx p99 at 2x, from {STEADY_AFTER:g} s in",
+            "<= fixed / 3",
+            f"{h.ms(steady['ok_p99'])} vs {h.ms(fixed_steady['ok_p99'])} ms "
+            f"({_ratio(fixed_steady['ok_p99'], steady['ok_p99'])} lower)",
+            steady["ok_p99"] * 3 <= fixed_steady["ok_p99"],
+        ),
+        (
+            "limit settles",
+            "within ~10 windows",
+            f"stays after {settled} windows, first near after {adapt['reached_after']} "
+            f"(~{adapt['limit_overload']:g})",
+            None if settled is None else settled <= 10,
+        ),
+        (
+            "recovery at 0.5x",
+            f">= {RECOVERED * ceiling:g} within 30 windows",
+            f"{recovered} windows",
+            None if recovered is None else recovered <= 30,
+        ),
+        (
+            "outside slowdown",
+            "limit goes down, comes back",
+            f"low {adapt['slow_low']}, back after {back} windows",
+            adapt["slow_low"] < ceiling and back is not None,
+        ),
+    ]
+
+
+def adaptive_label(results: dict[str, Any]) -> str:
+    """``AdaptiveLimit()``, or the settings of an experiment."""
+    settings = results.get("settings") or {}
+    return f"AdaptiveLimit({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The adaptive-limit section of docs/benchmarks.md (and docs/adaptive.md)."""
+    cap = results["capacity"]
+    runs = results["runs"]
+    fixed, adapt = runs["fixed"], runs["adaptive"]
+    phases = results["phases"]
+    rows = []
+    for phase, label in (
+        ("overload", "2x capacity"),
+        ("steady", f"2x, from {STEADY_AFTER:g} s in"),
+        ("slowdown", "outside slowdown, 0.5x"),
+        ("calm", "calm, 0.5x"),
+    ):
+        f, a = fixed[phase], adapt[phase]
+        for key, name, show in (
+            ("goodput", "2xx/s", lambda v: f"{v:.1f}"),
+            ("ok_p50", "2xx p50 ms", h.ms),
+            ("ok_p99", "2xx p99 ms", h.ms),
+            ("shed", "503", str),
+        ):
+            rows.append([f"{label}: {name}", show(f[key]), show(a[key]), _ratio(a[key], f[key])])
+    rows += [
+        ["2x: limit (median of its second half)", SLOTS, f"{adapt['limit_overload']:g}", ""],
+        ["2x: windows until the limit is first near it", "-", str(adapt["reached_after"]), ""],
+        ["2x: windows until it stays near it", "-", str(adapt["settled_after"]), ""],
+        ["back to 0.5x: windows until limit >= 18", "-", str(adapt["recovered_after"]), ""],
+        ["outside slowdown: lowest limit", SLOTS, str(adapt["slow_low"]), ""],
+        [
+            "after it: windows (seconds) until limit >= 18",
+            "-",
+            f"{adapt['slow_back_after']} ({adapt['slow_back_seconds'] or math.nan:.1f} s)",
+            "",
+        ],
+    ]
+
+    def by_level(capacity: dict[str, Any]) -> str:
+        return ", ".join(f"{c}: {v['qps']:.0f}/s" for c, v in capacity["levels"].items())
+
+    baseline = adapt["baseline"]
+    short = adapt["short_overload"]
+    parts = [
+        f"`select count(*) from generate_series(1, {results['n']})` alone: "
+        f"{results['query_alone'] * 1000:.1f} ms. Capacity {cap['qps']:.0f} queries/s at "
+        f"concurrency {cap['best_concurrency']}, closed loop through the app (by "
+        f"concurrency: {by_level(cap)}; straight to the database: "
+        f"{by_level(results['database'])}). "
+        f"Phases: {phases['calm']:g} s at 0.5x, {phases['overload']:g} s at 2x, "
+        f"{phases['recovery']:g} s at 0.5x, then {phases['slowdown']:g} s at 0.5x with "
+        f"`pg_sleep({SLOW_SLEEP})` added to every query from outside, and {phases['after']:g} s "
+        f"after it. Pool 20, `concurrency=20`; {results['postgres']}.",
+        "",
+        h.table(["", "fixed 20", adaptive_label(results), "adaptive / fixed"], rows),
+        "",
+        h.table(
+            ["adaptive target", "bar", "this run", ""],
+            [
+                [name, bar, value, "n/a" if ok is None else ("met" if ok else "**missed**")]
+                for name, bar, value, ok in verdicts(results)
+            ],
+        ),
+        "",
+        f"Adaptive baseline at the end: {h.ms(baseline or math.nan)} ms; median slot hold "
+        f"in the 2x windows: {h.ms(short or math.nan)} ms.",
+        "",
+        f"![latency and limit over time, fixed and adaptive]({Path(results['chart']).name})",
+    ]
+    return "\n".join(parts)
+
+
+# -- chart ------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Latency (top) and limit (bottom) over time, fixed and adaptive side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    phases = results["phases"]
+    fig, axes = plt.subplots(
+        2,
+        len(runs),
+        figsize=(10, 5.4),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 2]},
+    )
+    over = (phases["calm"], phases["calm"] + phases["overload"])
+    for column, (variant, r) in enumerate(runs.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        for ax in (top, bottom):
+            ax.axvspan(*over, color="#d62728", alpha=0.07, linewidth=0)
+            ax.axvspan(*r["slowed"], color="#1f77b4", alpha=0.08, linewidth=0)
+            ax.grid(True, alpha=0.3)
+        points = r["points"]
+        for label, color, chosen in (
+            ("2xx", "#2ca02c", [p for p in points if p[1] == 200]),
+            ("503", "#ff7f0e", [p for p in points if p[1] == 503]),
+            ("other", "#000000", [p for p in points if p[1] not in (200, 503)]),
+        ):
+            if chosen:
+                top.scatter(
+                    [p[0] for p in chosen],
+                    [max(p[2], 0.001) for p in chosen],
+                    s=3,
+                    color=color,
+                    linewidths=0,
+                    alpha=0.5,
+                    rasterized=True,
+                    label=f"{label} ({len(chosen):,})",
+                )
+        top.set_yscale("log")
+        title = VARIANTS[variant]
+        if variant == "adaptive":
+            title = f"{adaptive_label(results)}, ceiling 20"
+        top.set_title(title, fontsize=10)
+        top.legend(loc="upper right", fontsize=7, markerscale=3, framealpha=0.85)
+        trace = r["trace"]
+        bottom.step([t[0] for t in trace], [t[1] for t in trace], where="post", color="#333333")
+        bottom.plot(
+            [t[0] for t in trace], [t[2] for t in trace], color="#1f77b4", linewidth=0.6, alpha=0.6
+        )
+        bottom.set_ylim(0, results["slots"] + 2)
+        bottom.set_xlabel("seconds (red: 2x capacity; blue: slowed from outside)", fontsize=8)
+    axes[0][0].set_ylabel("latency from scheduled send (s, log)", fontsize=8)
+    axes[1][0].set_ylabel("limit (black), in flight (blue)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(markdown(run(parser.parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
