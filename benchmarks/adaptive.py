@@ -327,6 +327,7 @@ def _measure(app: h.Server, dsn: str, capacity: float, args: argparse.Namespace)
         "slow_back_seconds": None if back is None else after[back - 1]["at"] - slow_end,
         "baseline": windows[-1]["baseline"] if windows else None,
         "short_overload": statistics.median([x for x in holds if x]) if holds else None,
+        "windows_missed": windows[-1]["index"] - len(windows) if windows else 0,
         "limiter": stats["limiter"],
         "trace": [
             [t - start, limit, flying, queued] for t, limit, flying, queued in stats["trace"]
