@@ -303,6 +303,28 @@ async def open_loop(
     return outcomes
 
 
+async def closed_loop(
+    port: int, path: str, *, concurrency: int, duration: float, timeout: float
+) -> list[tuple[int | None, float]]:
+    """``concurrency`` clients, each sending ``GET path`` again as soon as it is answered.
+
+    For capacity, not for overload: a closed loop slows down with the server. Returns
+    (status, seconds) for each request that started within ``duration``.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+    done: list[tuple[int | None, float]] = []
+
+    async def client() -> None:
+        while loop.time() < end:
+            started = loop.time()
+            status, _ = await _request(path, port, timeout)
+            done.append((status, loop.time() - started))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done
+
+
 def summary(outcomes: Sequence[Outcome], duration: float) -> dict[str, float]:
     """The figures every load part reports, from one run's outcomes."""
     ok = [o.latency for o in outcomes if o.status is not None and 200 <= o.status < 300]

@@ -15,6 +15,7 @@ samples), ``/stats/reset``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -38,6 +39,7 @@ import guardrails as gr
 from guardrails.tools.demo.server import serve_child
 
 LAG_INTERVAL = 0.010
+TRACE_INTERVAL = 0.1
 
 
 class SemaphoreMiddleware(BaseHTTPMiddleware):
@@ -81,8 +83,14 @@ class Stats:
         so the benchmark process can line them up with its own timestamps."""
         self.lag: list[float] = []
         """Overshoot of each 10 ms sleep of the loop-lag task, in seconds."""
+        self.trace: list[tuple[float, int, int, int]] = []
+        """(time.monotonic(), limit, in flight, queued) every ``TRACE_INTERVAL``."""
+        self.windows: list[dict[str, Any]] = []
+        """Each adaptive window's decision (``Window`` as a dict), oldest first."""
 
-    def to_dict(self, guard: gr.Guardrails | None, *, lists: bool) -> dict[str, Any]:
+    def to_dict(
+        self, guard: gr.Guardrails | None, *, lists: bool, trace: bool = False
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {
             "handler_calls": self.handler_calls,
             "checkouts": self.checkouts,
@@ -93,6 +101,9 @@ class Stats:
         if lists:
             data["holds"] = self.holds[-20_000:]
             data["lag"] = self.lag
+        if trace:
+            data["trace"] = self.trace
+            data["windows"] = self.windows
         if guard is not None:
             snapshot = guard.snapshot()
             data["breaker"] = snapshot["breaker"]["state"]
@@ -106,6 +117,9 @@ class Stats:
                     "early_shed_total",
                     "hold_estimate",
                     "controlled_delay",
+                    "limit",
+                    "configured_limit",
+                    "adaptive",
                 )
             }
         return data
@@ -125,6 +139,8 @@ def build(config: dict[str, Any]) -> Starlette:
         pool_timeout=config.get("pool_timeout", 30.0),
     )
     query = text("SELECT pg_sleep(:s)").bindparams(s=config.get("query_seconds", 0.05))
+    if config.get("work") is not None:
+        query = text("SELECT bench_work(:n)").bindparams(n=config["work"])
     stats = Stats()
     guard: gr.Guardrails | None = None
     if variant == "guardrails":
@@ -175,6 +191,12 @@ def build(config: dict[str, Any]) -> Starlette:
                 probe=probe,
             ),
             cache=gr.MemoryCache(max_entries=100) if config.get("stale") else None,
+            # True: the library's defaults; a dict: settings for an experiment.
+            adaptive=gr.AdaptiveLimit(
+                **(config["adaptive"] if isinstance(config.get("adaptive"), dict) else {})
+            )
+            if config.get("adaptive")
+            else None,
         )
         guard.watch_pool(engine)
         guard.breaker.add_listener(
@@ -214,7 +236,8 @@ def build(config: dict[str, Any]) -> Starlette:
     @gr.policy(exempt=True)
     async def read_stats(request: Request) -> Response:
         lists = request.query_params.get("lists") != "0"
-        return JSONResponse(stats.to_dict(guard, lists=lists))
+        trace = request.query_params.get("trace") == "1"
+        return JSONResponse(stats.to_dict(guard, lists=lists, trace=trace))
 
     @gr.policy(exempt=True)
     async def reset_stats(request: Request) -> Response:
@@ -230,6 +253,21 @@ def build(config: dict[str, Any]) -> Starlette:
             if len(stats.lag) > 100_000:  # bounded even if nobody resets it
                 del stats.lag[:50_000]
 
+    async def watch_limit(guard: gr.Guardrails) -> None:
+        limiter = guard.limiter
+        adaptive = limiter.adaptive
+        seen = 0
+        while True:
+            stats.trace.append((time.monotonic(), limiter.limit, limiter.in_flight, limiter.queued))
+            if adaptive is not None and adaptive.windows_total != seen and adaptive.last:
+                seen = adaptive.windows_total
+                # "index" shows a window this 100 ms poll missed (windows last >= 0.5 s).
+                stats.windows.append({**dataclasses.asdict(adaptive.last), "index": seen})
+            if len(stats.trace) > 20_000:  # bounded even if nobody resets it
+                del stats.trace[:10_000]
+                del stats.windows[:1_000]
+            await asyncio.sleep(TRACE_INTERVAL)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Fill the pool first, so connects are not part of what is measured.
@@ -237,11 +275,15 @@ def build(config: dict[str, Any]) -> Starlette:
             for _ in range(config.get("pool_size", 5)):
                 conn = await stack.enter_async_context(engine.connect())
                 await conn.execute(text("SELECT 1"))
-        lag_task = asyncio.get_running_loop().create_task(watch_loop_lag())
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(watch_loop_lag())]
+        if guard is not None:
+            tasks.append(loop.create_task(watch_limit(guard)))
         try:
             yield
         finally:
-            lag_task.cancel()
+            for task in tasks:
+                task.cancel()
             if guard is not None:
                 await guard.aclose()
             await engine.dispose()

@@ -2,7 +2,8 @@
 
 Parts, each also runnable alone (``--help`` on each): ``overhead.py`` (in-process
 ASGI), ``overload.py`` (4x capacity on real uvicorn and PostgreSQL), ``outage.py``
-(PostgreSQL stopped under load) and ``looplag.py`` (event-loop lag at 10x capacity).
+(PostgreSQL stopped under load), ``looplag.py`` (event-loop lag at 10x capacity) and
+``adaptive.py`` (fixed against adaptive limit on CPU-bound queries).
 
     make bench     # or: .venv/bin/python benchmarks/run.py [--output docs/benchmarks.md]
 """
@@ -18,12 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import _harness as h
+import adaptive
 import looplag
 import outage
 import overhead
 import overload
 
-PARTS = {"overhead": overhead, "overload": overload, "outage": outage, "looplag": looplag}
+PARTS = {
+    "overhead": overhead,
+    "overload": overload,
+    "outage": outage,
+    "looplag": looplag,
+    "adaptive": adaptive,
+}
 
 INTRO = """\
 # Benchmarks
@@ -38,12 +46,13 @@ make bench        # or: .venv/bin/python benchmarks/run.py
 ```
 
 Each part also runs alone and prints its table: `benchmarks/overhead.py`,
-`benchmarks/overload.py`, `benchmarks/outage.py`, `benchmarks/looplag.py` (`--help`
-for their options). The load parts start a throwaway PostgreSQL cluster (or use
-`DATABASE_URL`), run the app under uvicorn in a child process on 127.0.0.1, and send
-real HTTP from an open-loop client in the benchmark process: each request leaves at
-its scheduled time whether or not earlier ones have answered, and its latency counts
-from that scheduled time, so a stalled server cannot slow the load down and hide it.
+`benchmarks/overload.py`, `benchmarks/outage.py`, `benchmarks/looplag.py`,
+`benchmarks/adaptive.py` (`--help` for their options). The load parts start a
+throwaway PostgreSQL cluster (or use `DATABASE_URL`), run the app under uvicorn in a
+child process on 127.0.0.1, and send real HTTP from an open-loop client in the
+benchmark process: each request leaves at its scheduled time whether or not earlier
+ones have answered, and its latency counts from that scheduled time, so a stalled
+server cannot slow the load down and hide it.
 """
 
 
@@ -171,6 +180,14 @@ What it measures: a task in the server sleeps 10 ms in a loop and records how mu
 later than that it wakes; every request's callbacks wait as long. Idle first, then while
 the server sheds open-loop load at 10x its capacity. The client shares the machine's
 two cores with the server and the database, so its own lag is shown too.""",
+    "adaptive": """\
+What it measures: two servers with a pool of 20 and `concurrency=20`, the second with
+`adaptive=gr.AdaptiveLimit()` (defaults), on a CPU-bound query calibrated to 20 ms
+alone. Capacity is measured closed loop, through the app and straight to the database;
+the load is open loop at multiples of the first. *2x, from 5 s in*: requests due 5 s
+or more into the 2x phase. Windows are the adaptive limit's (0.5 s and 10 samples at
+least). The outside slowdown redefines the query's SQL function to `pg_sleep` 30 ms
+first, from the benchmark's own connection. See [Adaptive limit](adaptive.md).""",
 }
 
 NOTES = """\
@@ -221,6 +238,7 @@ TITLES = {
     "overload": "Overload: 4x capacity on a real pool",
     "outage": "Outage: the database stops under load",
     "looplag": "Event-loop lag while shedding at 10x capacity",
+    "adaptive": "Adaptive limit: CPU-bound queries, fixed against adaptive",
 }
 
 
