@@ -22,7 +22,13 @@ What keeps it honest, against the failures other implementations ran into:
 - The baseline learns only from windows at or below it (an average that moves
   ``1 / baseline_windows`` of the way down). It never creeps up with the load it is
   meant to detect; a database that became slower for good is learnt by the reset:
-  after ``reset_after`` windows at the floor the baseline becomes the current median.
+  after ``reset_after`` windows at or next to the floor, a slower window's median
+  becomes the baseline. Over the first :data:`WARMUP` windows the baseline is the
+  lowest median seen, so that one cold first window (connections opening, caches
+  filling) does not set it.
+- Because the baseline only falls, it sits near the fastest windows the database has
+  served, not their average: ``tolerance`` (2.0) leaves room for the ordinary spread
+  of hold times around it.
 - The queue allowance is added only at gradient 1, never while the gradient is below
   it: otherwise a gradient near 0.8 plus the allowance makes the limit creep upward.
 - Samples are slot hold times of requests that completed: sheds and refusals hold no
@@ -56,6 +62,9 @@ __all__ = ["AdaptiveController", "AdaptiveLimit", "Window"]
 MIN_GRADIENT = 0.5
 """The most one window's gradient may lower the limit: it at most halves."""
 
+WARMUP = 3
+"""Windows, the first included, over which the baseline is the lowest median seen."""
+
 
 def _number(value: object, name: str, *, low: float, high: float = math.inf) -> float:
     if isinstance(value, timedelta):
@@ -85,7 +94,7 @@ class AdaptiveLimit:
 
     - ``floor``: the fewest slots it ever leaves (at least 1).
     - ``tolerance``: how much longer than the baseline a slot may be held before the
-      limit comes down (1.5: 50 % longer).
+      limit comes down (2.0: twice as long).
     - ``smoothing``: the share of each window's target taken at once (0 < s <= 1).
     - ``queue_allowance``: slots a healthy window may add before smoothing, so that
       the limit climbs back by ``smoothing x queue_allowance`` a window.
@@ -93,13 +102,14 @@ class AdaptiveLimit:
       long and holds that many samples.
     - ``baseline_windows``: how many windows the baseline's average spans on its way
       down.
-    - ``reset_after``: windows at the floor after which the baseline is learnt anew.
+    - ``reset_after``: windows at or next to the floor (``floor + 1``) after which a
+      slower window's median becomes the baseline.
     - ``drop_factor``: what a window with a pool timeout multiplies the limit by.
     - ``min_sample``: hold times below this many seconds are not samples.
     """
 
     floor: int = 1
-    tolerance: float = 1.5
+    tolerance: float = 2.0
     smoothing: float = 0.5
     queue_allowance: float = 4.0
     window: float | timedelta = 0.5
@@ -184,7 +194,7 @@ class AdaptiveController:
         self._started = self.clock()
         self._drops = 0
         self._seen_drops = 0
-        self._at_floor = 0
+        self._near_floor = 0
         self._lock = threading.Lock()
 
     def sample(self, seconds: float) -> bool:
@@ -235,6 +245,8 @@ class AdaptiveController:
             reason = "learn"
             self.baseline = baseline = short
         else:
+            if self.windows_total < WARMUP and short < baseline:
+                self.baseline = baseline = short  # the first windows may have been cold
             gradient = min(1.0, max(MIN_GRADIENT, settings.tolerance * baseline / short))
             self.gradient = gradient
             target = self.estimate * gradient
@@ -253,17 +265,19 @@ class AdaptiveController:
         limit = max(settings.floor, min(self.ceiling, math.floor(self.estimate + 1e-9)))
         limit = min(max(limit, math.ceil(before * MIN_GRADIENT)), before * 2)
         self.estimate = min(max(self.estimate, float(limit)), float(limit) + 0.999)
-        if reason == "slower" and limit <= settings.floor:
-            self._at_floor += 1
-            if self._at_floor >= settings.reset_after:
-                # Slower than the baseline for reset_after windows even at the floor:
-                # the database changed, not the load. Learn it anew.
+        if limit <= settings.floor + 1:
+            # At the floor or flickering next to it: a healthy window there does not
+            # start the count over, or a noisy database would never be learnt anew.
+            self._near_floor += 1
+            if self._near_floor >= settings.reset_after and reason == "slower":
+                # Slower than the baseline for that long at the floor: the database
+                # changed, not the load. Learn it anew.
                 reason = "reset"
                 self.baseline = baseline = short
                 self.resets_total += 1
-                self._at_floor = 0
+                self._near_floor = 0
         else:
-            self._at_floor = 0
+            self._near_floor = 0
         self.limit = limit
         self.windows_total += 1
         self.last = Window(

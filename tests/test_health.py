@@ -245,10 +245,10 @@ async def test_an_adaptive_limit_shows_its_limit_ceiling_baseline_and_gradient()
     async with client(build(guard)) as c:
         body = (await c.get("/health/guardrails")).json()
     (check,) = body["checks"]["limiter:adaptive_limit"]
-    assert (check["observedValue"], check["ceiling"], check["floor"]) == (15, 20, 1)
+    assert (check["observedValue"], check["ceiling"], check["floor"]) == (16, 20, 1)
     assert check["status"] == "warn"
     assert check["baselineSeconds"] == pytest.approx(0.020, abs=1e-3)
-    assert check["gradient"] == pytest.approx(0.5, abs=0.01)
+    assert check["gradient"] == pytest.approx(2 / 3, abs=0.01)
     assert body["status"] == "pass"  # a lowered limit is no reason to take it out of service
     fixed = gr.Guardrails(concurrency=20)
     async with client(build(fixed)) as c:

@@ -165,10 +165,10 @@ def test_the_adaptive_limit_its_ceiling_baseline_and_gradient_are_gauges() -> No
     registry = CollectorRegistry()
     registry.register(GuardrailsCollector(guard))
     found = samples(generate_latest(registry).decode())
-    assert found[("guardrails_limit", ())] == 15
+    assert found[("guardrails_limit", ())] == 16
     assert found[("guardrails_limit_ceiling", ())] == 20
     assert found[("guardrails_adaptive_baseline_seconds", ())] == pytest.approx(0.020, abs=1e-3)
-    assert found[("guardrails_adaptive_gradient", ())] == pytest.approx(0.5, abs=0.01)
+    assert found[("guardrails_adaptive_gradient", ())] == pytest.approx(2 / 3, abs=0.01)
     # A fixed limit has no adaptive gauges.
     fixed = CollectorRegistry()
     fixed.register(GuardrailsCollector(gr.Guardrails(concurrency=20)))
