@@ -17,18 +17,17 @@ from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
 import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from guardrails import context
+from guardrails.asgi.answers import refuse, serve_fresh
 from guardrails.asgi.body import GONE, needs_reading, read_body
 from guardrails.asgi.clients import current_task, uncancel
-from guardrails.asgi.cors import through_cors
 from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
-from guardrails.asgi.stored import CachePlan, Capture, replay
+from guardrails.asgi.stored import CachePlan, Capture
 from guardrails.breaker import CLOSED
 from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
-from guardrails.policy import OnUnavailable
 from guardrails.pools import request_finished
 from guardrails.routing import ResolvedRoute
 
@@ -47,7 +46,6 @@ class GuardedRequest(context.CallContext):
 
     __slots__ = (
         "aborted",
-        "app",
         "body",
         "cancel",
         "capture",
@@ -68,6 +66,11 @@ class GuardedRequest(context.CallContext):
         "task",
     )
 
+    body: bytes | None
+    server_receive: Receive
+    client_deadline: float
+    client_since: float
+
     def __init__(
         self,
         middleware: GuardrailsMiddleware,
@@ -83,11 +86,9 @@ class GuardedRequest(context.CallContext):
         self.deadline: float | None = None
         self.checkouts = {}
         self.middleware = middleware
-        self.app: ASGIApp = middleware.app
         self.scope = scope
         self.receive: Receive = receive
-        """What the app gets as ``receive``: the body read up front, then the server's."""
-        self.server_receive = receive
+        """What the app gets as ``receive``: the server's, or the body read up front."""
         self.send = send
         self.resolved = resolved
         self.plan: CachePlan | None = None
@@ -98,12 +99,13 @@ class GuardedRequest(context.CallContext):
         """When the slot was taken, on the adaptive limit's clock (0: not timed)."""
         self.started = False
         self.cancel: anyio.CancelScope | None = None
-        self.body: bytes | None = None
         self.task: asyncio.Task[object] | None = None
-        self.client_deadline = 0.0
-        self.client_since = 0.0
+        """The request's task while the watchdog looks after it (see :meth:`_watch`)."""
         self.client_error: BaseException | None = None
         self.aborted = False
+        # Set only on the paths that use them: ``body`` and ``server_receive`` once a
+        # body is read up front, ``client_deadline`` and ``client_since`` before the
+        # watchdog first sees the request.
 
     async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
@@ -118,20 +120,13 @@ class GuardedRequest(context.CallContext):
                 guard.credential_headers,
                 self.middleware.warned,
             )
-            if self.plan is not None and await self._serve_fresh():
+            if self.plan is not None and await serve_fresh(self):
                 return
         # The common case (a read, the breaker closed, a free slot) is decided inline;
         # each other case is one step that answers or lets the request go on.
-        method = self.scope["method"]
-        writes = resolved.writes
         refusal = None
-        if (writes or (writes is None and method not in SAFE_METHODS)) and guard.read_only:
-            retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
-            refusal = Refusal("read_only", "read_only", retry_after)
-        elif resolved.max_body is not None and method not in SAFE_METHODS:
-            # Before the breaker: a client sending its body slowly must not sit on the
-            # half-open trial (nor, below, on a slot).
-            refusal = await self._read_body()
+        if resolved.writes or self.scope["method"] not in SAFE_METHODS:
+            refusal = await self._check_write()
         if refusal is None and guard.breaker.state is not CLOSED:
             refusal = self._pass_breaker()
         if refusal is None:
@@ -148,36 +143,92 @@ class GuardedRequest(context.CallContext):
                 refusal = await self._take_slot()
         if refusal is not None:
             self._abandon()
-            if refusal is GONE:
-                return  # the client went away while sending its body: nobody to answer
-            await self._refuse(refusal)
+            if refusal is not GONE:  # else the client went away sending its body
+                await refuse(self, refusal)
             return
+        # -- the app --
+        if self.plan is not None:
+            self.capture = self.plan.capture()
+        token = context.enter(self)
         try:
-            await self._run_app()
+            deadline = self.deadline
+            if deadline is None:
+                await self.middleware.app(self.scope, self.receive, self)
+            else:
+                await self._run_until(deadline)
+        except Exception as exc:
+            if self.started or self._from_client(exc):
+                # What fails once the answer is on its way, or in talking to the client,
+                # says nothing about the database.
+                self._abandon()
+                raise
+            shed = shed_behind(exc)
+            if shed is not None:
+                # Refused for load, or another service is down: not the database. Its
+                # retry_after, the route's fallback, and the database's breaker left alone.
+                self._abandon()
+                self.release()
+                await refuse(self, refusal_for(shed))
+                return
+            if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
+                raise
+            await self._answer_outage(exc)
+        except asyncio.CancelledError:
+            self._abandon()
+            if not self.aborted:
+                raise
+            # The watchdog let go of a client too slow to read: the response stays cut
+            # short, the slot is back already, and the server closes the connection.
+            uncancel(self.task)
+        except BaseException:
+            self._abandon()
+            raise
         finally:
+            if self.held:
+                self.release()
+            # Tell the breaker what the request proved: safe after any of the above,
+            # never leaves a trial held. A success after outages resets the count.
+            outcome = self._outcome
+            if outcome is not None:
+                outcome.finish()
+            elif guard.breaker.counting:
+                self.outcome.finish()
+            context.leave(token)
+            if self.checkouts:
+                request_finished(self)
             if self.task is not None:
                 self.middleware.clients.forget(self)
+
+    async def _run_until(self, deadline: float) -> None:
+        with anyio.CancelScope(deadline=deadline) as self.cancel:
+            await self.middleware.app(self.scope, self.receive, self)
+        if self.cancel.cancelled_caught and not self.started:
+            # Past its deadline before it had an answer: the client gets a 503 now
+            # instead of waiting on.
+            self._abandon()
+            self.release()
+            await refuse(self, Refusal("timeout", "timeout", self.guard.limiter.retry_after))
 
     def _abandon(self) -> None:
         if self._outcome is not None:
             self._outcome.abandon()
 
-    def _finish(self) -> None:
-        outcome = self._outcome
-        if outcome is not None:
-            outcome.finish()
-        elif self.guard.breaker.counting:
-            self.outcome.finish()  # a success after outages: it resets the count
-
     # -- before the app -----------------------------------------------------------------
 
-    async def _serve_fresh(self) -> bool:
-        assert self.plan is not None
-        fresh = await self.plan.lookup(self.resolved.policy.cache_ttl)  # type: ignore[arg-type]
-        if fresh is None:
-            return False
-        await replay(through_cors(self.middleware.cors, self.scope, self.send), fresh, b"hit")
-        return True
+    async def _check_write(self) -> Refusal | None:
+        """Read-only mode refuses writes; an unsafe method's body is read before a slot."""
+        resolved = self.resolved
+        guard = self.guard
+        method = self.scope["method"]
+        writes = resolved.writes
+        if (writes or (writes is None and method not in SAFE_METHODS)) and guard.read_only:
+            retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
+            return Refusal("read_only", "read_only", retry_after)
+        if resolved.max_body is not None and method not in SAFE_METHODS:
+            # Before the breaker: a client sending its body slowly must not sit on the
+            # half-open trial (nor, below, on a slot).
+            return await self._read_body()
+        return None
 
     def _pass_breaker(self) -> Refusal | None:
         breaker = self.guard.breaker
@@ -192,7 +243,7 @@ class GuardedRequest(context.CallContext):
         return None
 
     async def _read_body(self) -> Refusal | None:
-        receive = self.server_receive
+        receive = self.server_receive = self.receive
         limit = self.resolved.max_body
         wanted = needs_reading(self.scope, limit)
         if wanted is not True:
@@ -228,13 +279,14 @@ class GuardedRequest(context.CallContext):
 
     def _watch(self, timeout: float) -> None:
         """Wait on the client for at most ``timeout`` seconds from now."""
+        now = _monotonic()
+        self.client_since = now
+        self.client_deadline = now + timeout
         if self.task is None:
             self.task = current_task()
             if self.task is None:
                 return  # not asyncio: nothing the watchdog could cancel
             self.middleware.clients.watch(self)
-        self.client_since = now = _monotonic()
-        self.client_deadline = now + timeout
 
     def stalled(self) -> None:
         """The client stopped reading: with watched pools, a request that holds no
@@ -281,59 +333,7 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", breaker.retry_after)
         return None
 
-    # -- the app ------------------------------------------------------------------------
-
-    async def _run_app(self) -> None:
-        if self.plan is not None:
-            self.capture = self.plan.capture()
-        token = context.enter(self)
-        try:
-            if self.deadline is None:
-                await self.app(self.scope, self.receive, self)
-            else:
-                with anyio.CancelScope(deadline=self.deadline) as self.cancel:
-                    await self.app(self.scope, self.receive, self)
-                if self.cancel.cancelled_caught and not self.started:
-                    # Past its deadline before it had an answer: the client gets a 503
-                    # now instead of waiting on.
-                    self._abandon()
-                    self.release()
-                    retry_after = self.guard.limiter.retry_after
-                    await self._refuse(Refusal("timeout", "timeout", retry_after))
-        except Exception as exc:
-            if self.started or self._from_client(exc):
-                # What fails once the answer is on its way, or in talking to the client,
-                # says nothing about the database.
-                self._abandon()
-                raise
-            shed = shed_behind(exc)
-            if shed is not None:
-                # Refused for load, or another service is down: not the database. Its
-                # retry_after, the route's fallback, and the database's breaker left alone.
-                self._abandon()
-                self.release()
-                await self._refuse(refusal_for(shed))
-                return
-            if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
-                raise
-            await self._answer_outage(exc)
-        except asyncio.CancelledError:
-            self._abandon()
-            if not self.aborted:
-                raise
-            # The watchdog let go of a client too slow to read: the response stays cut
-            # short, the slot is back already, and the server closes the connection.
-            uncancel(self.task)
-        except BaseException:
-            self._abandon()
-            raise
-        finally:
-            if self.held:
-                self.release()
-            self._finish()  # safe after any of the above; never leaves a trial held
-            context.leave(token)
-            if self.checkouts:
-                request_finished(self)
+    # -- after the app -------------------------------------------------------------------
 
     def _from_client(self, exc: BaseException) -> bool:
         client = self.client_error
@@ -359,24 +359,26 @@ class GuardedRequest(context.CallContext):
         self.release()
         retry_after = exc.retry_after if isinstance(exc, Unavailable) else 0
         retry_after = max(1, retry_after, guard.breaker.retry_after)
-        await self._refuse(Refusal("unavailable", "outage", retry_after))
+        await refuse(self, Refusal("unavailable", "outage", retry_after))
 
     async def __call__(self, message: Message) -> None:
-        """The app's ``send``: notes the start, frees the slot after the last chunk."""
+        """The app's ``send``: notes the start, frees the slot before the last chunk."""
         kind = message["type"]
+        final = False
         if kind == "http.response.start":
             self.started = True
             if self.cancel is not None:
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
-        final = (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
+        elif (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
             "more_body", False
-        )
-        if final and self.held and not self.checkouts:
-            # The app has produced all of it and holds no connection: the slot goes back
-            # before the client reads it (a slow reader holds nothing), and before a copy
-            # is stored (a remote store's write must not hold a database slot).
-            self.release(completed=True)
+        ):
+            final = True
+            if self.held and not self.checkouts:
+                # The app has produced all of it and holds no connection: the slot goes
+                # back before the client reads it (a slow reader holds nothing), and
+                # before a copy is stored (a remote store's write must not hold a slot).
+                self.release(completed=True)
         timeout = self.resolved.send_timeout
         if timeout is not None:
             if self.task is None:
@@ -398,6 +400,7 @@ class GuardedRequest(context.CallContext):
                 # Nothing more to wait on the client for: background tasks that run
                 # after the response must not keep the watchdog awake.
                 self.middleware.clients.forget(self)
+                self.task = None
         capture = self.capture
         if capture is not None and not await capture.copy(kind, message):
             self.capture = None
@@ -419,32 +422,3 @@ class GuardedRequest(context.CallContext):
                 outcome = self._outcome
                 if outcome is None or outcome.healthy:
                     limiter.completed(self.taken)
-
-    # -- answers instead of the app -----------------------------------------------------
-
-    async def _refuse(self, refusal: Refusal) -> None:
-        """Answer a request guardrails will not run: a stale copy if allowed, else 503."""
-        guard = self.guard
-        telemetry = guard.telemetry
-        template = self.route
-        telemetry.count_shed(refusal.reason, template)
-        policy = self.resolved.policy
-        plan = self.plan
-        send = through_cors(self.middleware.cors, self.scope, self.send)
-        if (
-            refusal.status == 503
-            and plan is not None
-            and policy.on_unavailable is OnUnavailable.STALE
-        ):
-            stale = await plan.lookup(policy.stale_ttl)  # type: ignore[arg-type]
-            if stale is not None:
-                telemetry.count_fallback("stale", template)
-                await replay(send, stale, b"stale")
-                return
-        if refusal.status == 503 and policy.stale_ttl is not None:
-            telemetry.count_fallback("rejected", template)
-        await self.middleware.refusals.send(self.scope, send, refusal)
-
-
-async def _nothing() -> Message:
-    return {"type": "http.disconnect"}
