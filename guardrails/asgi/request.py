@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 from guardrails import context
 from guardrails.asgi.answers import refuse, serve_fresh
 from guardrails.asgi.body import GONE, needs_reading, read_body
-from guardrails.asgi.clients import current_task, uncancel
+from guardrails.asgi.clients import uncancel
 from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
 from guardrails.asgi.stored import CachePlan, Capture
 from guardrails.breaker import CLOSED
@@ -54,7 +54,6 @@ class GuardedRequest(context.CallContext):
         "client_since",
         "held",
         "middleware",
-        "permit",
         "plan",
         "receive",
         "resolved",
@@ -68,6 +67,7 @@ class GuardedRequest(context.CallContext):
 
     body: bytes | None
     server_receive: Receive
+    cancel: anyio.CancelScope
     client_deadline: float
     client_since: float
 
@@ -93,62 +93,38 @@ class GuardedRequest(context.CallContext):
         self.resolved = resolved
         self.plan: CachePlan | None = None
         self.capture: Capture | None = None
-        self.permit: Permit | None = None
-        self.held = False
+        self.held: Permit | bool = False
+        """The slot: a :class:`Permit`, True for one taken with ``try_take``, or False."""
         self.taken = 0.0
         """When the slot was taken, on the adaptive limit's clock (0: not timed)."""
         self.started = False
-        self.cancel: anyio.CancelScope | None = None
         self.task: asyncio.Task[object] | None = None
         """The request's task while the watchdog looks after it (see :meth:`_watch`)."""
         self.client_error: BaseException | None = None
         self.aborted = False
         # Set only on the paths that use them: ``body`` and ``server_receive`` once a
-        # body is read up front, ``client_deadline`` and ``client_since`` before the
-        # watchdog first sees the request.
+        # body is read up front, ``cancel`` with a deadline, ``client_deadline`` and
+        # ``client_since`` before the watchdog first sees the request.
 
     async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
         resolved = self.resolved
         guard = self.guard
-        if resolved.caches and guard.cache is not None:
-            self.plan = CachePlan.make(
-                self.scope,
-                self.route,
-                resolved.policy,
-                guard.cache,
-                guard.credential_headers,
-                self.middleware.warned,
-            )
-            if self.plan is not None and await serve_fresh(self):
-                return
-        # The common case (a read, the breaker closed, a free slot) is decided inline;
-        # each other case is one step that answers or lets the request go on.
-        refusal = None
-        if resolved.writes or self.scope["method"] not in SAFE_METHODS:
-            refusal = await self._check_write()
-        if refusal is None and guard.breaker.state is not CLOSED:
-            refusal = self._pass_breaker()
-        if refusal is None:
-            if resolved.timeout is not None:
-                self.deadline = anyio.current_time() + resolved.timeout
-            # A free slot is taken synchronously: no coroutine, no clock read (unless an
-            # adaptive limit times how long slots are held).
-            limiter = guard.limiter
-            if resolved.bulkhead is None and limiter.try_take(resolved.priority):
-                self.held = True
-                if limiter.adaptive is not None:
-                    self.taken = limiter.adaptive.clock()
-            else:
-                refusal = await self._take_slot()
-        if refusal is not None:
-            self._abandon()
-            if refusal is not GONE:  # else the client went away sending its body
-                await refuse(self, refusal)
+        limiter = guard.limiter
+        # The common case (a read, the breaker closed, a free slot) is decided inline: no
+        # coroutine, no clock read (unless an adaptive limit times how long slots are
+        # held). Everything else takes the steps of :meth:`_admit`.
+        if (
+            resolved.inline
+            and self.scope["method"] in SAFE_METHODS
+            and guard.breaker.state is CLOSED
+            and limiter.try_take(resolved.priority)
+        ):
+            self.held = True
+            if limiter.adaptive is not None:
+                self.taken = limiter.adaptive.clock()
+        elif not await self._admit():
             return
-        # -- the app --
-        if self.plan is not None:
-            self.capture = self.plan.capture()
         token = context.enter(self)
         try:
             deadline = self.deadline
@@ -215,6 +191,45 @@ class GuardedRequest(context.CallContext):
 
     # -- before the app -----------------------------------------------------------------
 
+    async def _admit(self) -> bool:
+        """Each step answers the request or lets it go on; whether it goes on to the app."""
+        resolved = self.resolved
+        guard = self.guard
+        if resolved.caches and guard.cache is not None:
+            self.plan = CachePlan.make(
+                self.scope,
+                self.route,
+                resolved.policy,
+                guard.cache,
+                guard.credential_headers,
+                self.middleware.warned,
+            )
+            if self.plan is not None and await serve_fresh(self):
+                return False
+        refusal = None
+        if resolved.writes or self.scope["method"] not in SAFE_METHODS:
+            refusal = await self._check_write()
+        if refusal is None and guard.breaker.state is not CLOSED:
+            refusal = self._pass_breaker()
+        if refusal is None:
+            if resolved.timeout is not None:
+                self.deadline = anyio.current_time() + resolved.timeout
+            limiter = guard.limiter
+            if resolved.bulkhead is None and limiter.try_take(resolved.priority):
+                self.held = True
+                if limiter.adaptive is not None:
+                    self.taken = limiter.adaptive.clock()
+            else:
+                refusal = await self._take_slot()
+        if refusal is not None:
+            self._abandon()
+            if refusal is not GONE:  # else the client went away sending its body
+                await refuse(self, refusal)
+            return False
+        if self.plan is not None:
+            self.capture = self.plan.capture()
+        return True
+
     async def _check_write(self) -> Refusal | None:
         """Read-only mode refuses writes; an unsafe method's body is read before a slot."""
         resolved = self.resolved
@@ -249,7 +264,10 @@ class GuardedRequest(context.CallContext):
         if wanted is not True:
             return wanted or None
         assert limit is not None
-        self._watch(self.resolved.body_timeout)
+        self.client_since = now = _monotonic()
+        self.client_deadline = now + self.resolved.body_timeout
+        if self.task is None:
+            self._watch()
         try:
             body = await read_body(receive, limit)
         except asyncio.CancelledError:
@@ -277,15 +295,14 @@ class GuardedRequest(context.CallContext):
             self.client_error = exc
             raise
 
-    def _watch(self, timeout: float) -> None:
-        """Wait on the client for at most ``timeout`` seconds from now."""
-        now = _monotonic()
-        self.client_since = now
-        self.client_deadline = now + timeout
-        if self.task is None:
-            self.task = current_task()
-            if self.task is None:
-                return  # not asyncio: nothing the watchdog could cancel
+    def _watch(self) -> None:
+        """Let the watchdog look after this request; its client deadline is set."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return  # not asyncio: nothing the watchdog could cancel
+        if task is not None:
+            self.task = task
             self.middleware.clients.watch(self)
 
     def stalled(self) -> None:
@@ -306,13 +323,13 @@ class GuardedRequest(context.CallContext):
         limiter = guard.limiter
         resolved = self.resolved
         if resolved.bulkhead is not None:
-            self.permit = limiter.try_acquire(resolved.priority, bulkhead=resolved.bulkhead)
-            if self.permit is not None:
-                self.held = True
+            permit = limiter.try_acquire(resolved.priority, bulkhead=resolved.bulkhead)
+            if permit is not None:
+                self.held = permit
                 return None
         waited_from = anyio.current_time()
         try:
-            self.permit = await limiter.acquire(
+            self.held = await limiter.acquire(
                 resolved.priority, deadline=self.deadline, bulkhead=resolved.bulkhead
             )
         except Shed as exc:
@@ -320,7 +337,6 @@ class GuardedRequest(context.CallContext):
         except BaseException:
             self._abandon()
             raise
-        self.held = True
         if limiter.adaptive is not None:
             self.taken = limiter.adaptive.clock()
         guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
@@ -367,7 +383,7 @@ class GuardedRequest(context.CallContext):
         final = False
         if kind == "http.response.start":
             self.started = True
-            if self.cancel is not None:
+            if self.deadline is not None:
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
         elif (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
@@ -381,11 +397,10 @@ class GuardedRequest(context.CallContext):
                 self.release(completed=True)
         timeout = self.resolved.send_timeout
         if timeout is not None:
+            self.client_since = now = _monotonic()
+            self.client_deadline = now + timeout
             if self.task is None:
-                self._watch(timeout)
-            else:
-                self.client_since = now = _monotonic()
-                self.client_deadline = now + timeout
+                self._watch()
         try:
             await self.send(message)
         except BaseException as exc:
@@ -411,13 +426,14 @@ class GuardedRequest(context.CallContext):
         ``completed``: the app produced its whole answer, so the hold is a sample for
         an adaptive limit, unless the request failed or a pool timed out on it.
         """
-        if self.held:
+        held = self.held
+        if held:
             self.held = False
             limiter = self.guard.limiter
-            if self.permit is None:
+            if held is True:
                 limiter.give_back()
-            else:
-                self.permit.release()
+            elif isinstance(held, Permit):
+                held.release()
             if completed and self.taken:
                 outcome = self._outcome
                 if outcome is None or outcome.healthy:
