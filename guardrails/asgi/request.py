@@ -4,8 +4,9 @@ The middleware builds one per HTTP request that needs the database and calls
 :meth:`GuardedRequest.handle`. Each step either answers the request (a fresh copy, a
 refusal) or lets it go on, in the order of the design: fresh copy, read-only mode,
 breaker, slot, the app, the outcome, the fallback. The object is also the request's
-:class:`~guardrails.context.CallContext` and its wrapped ``send``, so the hot path
-allocates one object besides the :class:`~guardrails.outcome.Outcome`.
+:class:`~guardrails.context.CallContext`, and its :meth:`~GuardedRequest.forward` is the
+app's ``send``, so the hot path allocates little besides the
+:class:`~guardrails.outcome.Outcome` (made only when needed).
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class GuardedRequest(context.CallContext):
         "capture",
         "client_deadline",
         "client_error",
-        "client_since",
         "held",
         "middleware",
         "plan",
@@ -69,7 +69,6 @@ class GuardedRequest(context.CallContext):
     server_receive: Receive
     cancel: anyio.CancelScope
     client_deadline: float
-    client_since: float
 
     def __init__(
         self,
@@ -103,8 +102,8 @@ class GuardedRequest(context.CallContext):
         self.client_error: BaseException | None = None
         self.aborted = False
         # Set only on the paths that use them: ``body`` and ``server_receive`` once a
-        # body is read up front, ``cancel`` with a deadline, ``client_deadline`` and
-        # ``client_since`` before the watchdog first sees the request.
+        # body is read up front, ``cancel`` with a deadline, ``client_deadline`` before
+        # the watchdog first sees the request.
 
     async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
@@ -129,7 +128,7 @@ class GuardedRequest(context.CallContext):
         try:
             deadline = self.deadline
             if deadline is None:
-                await self.middleware.app(self.scope, self.receive, self)
+                await self.middleware.app(self.scope, self.receive, self.forward)
             else:
                 await self._run_until(deadline)
         except Exception as exc:
@@ -177,7 +176,7 @@ class GuardedRequest(context.CallContext):
 
     async def _run_until(self, deadline: float) -> None:
         with anyio.CancelScope(deadline=deadline) as self.cancel:
-            await self.middleware.app(self.scope, self.receive, self)
+            await self.middleware.app(self.scope, self.receive, self.forward)
         if self.cancel.cancelled_caught and not self.started:
             # Past its deadline before it had an answer: the client gets a 503 now
             # instead of waiting on.
@@ -264,8 +263,7 @@ class GuardedRequest(context.CallContext):
         if wanted is not True:
             return wanted or None
         assert limit is not None
-        self.client_since = now = _monotonic()
-        self.client_deadline = now + self.resolved.body_timeout
+        self.client_deadline = _monotonic() + self.resolved.body_timeout
         if self.task is None:
             self._watch()
         try:
@@ -377,7 +375,7 @@ class GuardedRequest(context.CallContext):
         retry_after = max(1, retry_after, guard.breaker.retry_after)
         await refuse(self, Refusal("unavailable", "outage", retry_after))
 
-    async def __call__(self, message: Message) -> None:
+    async def forward(self, message: Message) -> None:
         """The app's ``send``: notes the start, frees the slot before the last chunk."""
         kind = message["type"]
         final = False
@@ -397,8 +395,7 @@ class GuardedRequest(context.CallContext):
                 self.release(completed=True)
         timeout = self.resolved.send_timeout
         if timeout is not None:
-            self.client_since = now = _monotonic()
-            self.client_deadline = now + timeout
+            self.client_deadline = _monotonic() + timeout
             if self.task is None:
                 self._watch()
         try:
