@@ -12,7 +12,6 @@ app's ``send``, so the hot path allocates little besides the
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
@@ -21,8 +20,8 @@ import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 from guardrails import context
-from guardrails.asgi.answers import refuse, serve_fresh
-from guardrails.asgi.body import GONE, needs_reading, read_body
+from guardrails.asgi.answers import answer_outage, refuse, serve_fresh
+from guardrails.asgi.body import GONE, read_up_front
 from guardrails.asgi.clients import uncancel
 from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
 from guardrails.asgi.stored import CachePlan, Capture
@@ -47,7 +46,6 @@ class GuardedRequest(context.CallContext):
 
     __slots__ = (
         "aborted",
-        "body",
         "cancel",
         "capture",
         "client_deadline",
@@ -59,14 +57,11 @@ class GuardedRequest(context.CallContext):
         "resolved",
         "scope",
         "send",
-        "server_receive",
         "started",
         "taken",
         "task",
     )
 
-    body: bytes | None
-    server_receive: Receive
     cancel: anyio.CancelScope
     client_deadline: float
 
@@ -101,9 +96,8 @@ class GuardedRequest(context.CallContext):
         """The request's task while the watchdog looks after it (see :meth:`_watch`)."""
         self.client_error: BaseException | None = None
         self.aborted = False
-        # Set only on the paths that use them: ``body`` and ``server_receive`` once a
-        # body is read up front, ``cancel`` with a deadline, ``client_deadline`` before
-        # the watchdog first sees the request.
+        # Set only on the paths that use them: ``cancel`` with a deadline,
+        # ``client_deadline`` before the watchdog first sees the request.
 
     async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
@@ -147,7 +141,7 @@ class GuardedRequest(context.CallContext):
                 return
             if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
                 raise
-            await self._answer_outage(exc)
+            await answer_outage(self, exc)
         except asyncio.CancelledError:
             self._abandon()
             if not self.aborted:
@@ -241,7 +235,7 @@ class GuardedRequest(context.CallContext):
         if resolved.max_body is not None and method not in SAFE_METHODS:
             # Before the breaker: a client sending its body slowly must not sit on the
             # half-open trial (nor, below, on a slot).
-            return await self._read_body()
+            return await read_up_front(self)
         return None
 
     def _pass_breaker(self) -> Refusal | None:
@@ -256,42 +250,14 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", exc.retry_after)
         return None
 
-    async def _read_body(self) -> Refusal | None:
-        receive = self.server_receive = self.receive
-        limit = self.resolved.max_body
-        wanted = needs_reading(self.scope, limit)
-        if wanted is not True:
-            return wanted or None
-        assert limit is not None
-        self.client_deadline = _monotonic() + self.resolved.body_timeout
+    # -- waiting on the client ----------------------------------------------------------
+
+    def wait_on_client(self, timeout: float) -> None:
+        """Wait on the client for at most ``timeout`` seconds from now; reset
+        ``client_deadline`` to 0 once it answered."""
+        self.client_deadline = _monotonic() + timeout
         if self.task is None:
             self._watch()
-        try:
-            body = await read_body(receive, limit)
-        except asyncio.CancelledError:
-            if not self.aborted:
-                raise
-            uncancel(self.task)  # the watchdog's doing: the client was too slow
-            return Refusal("body_timeout", "body_timeout", 0, 408)
-        finally:
-            self.client_deadline = 0.0
-        if isinstance(body, Refusal):
-            return body
-        self.body = body
-        self.receive = self._replay_body
-        return None
-
-    async def _replay_body(self) -> Message:
-        """The app's ``receive`` once the body was read: the body, then the client's own."""
-        body = self.body
-        if body is not None:
-            self.body = None
-            return {"type": "http.request", "body": body, "more_body": False}
-        try:
-            return await self.server_receive()
-        except BaseException as exc:
-            self.client_error = exc
-            raise
 
     def _watch(self) -> None:
         """Let the watchdog look after this request; its client deadline is set."""
@@ -315,6 +281,8 @@ class GuardedRequest(context.CallContext):
         self.release()
         if self.task is not None:
             self.task.cancel()
+
+    # -- a slot after waiting --------------------------------------------------------
 
     async def _take_slot(self) -> Refusal | None:
         guard = self.guard
@@ -347,33 +315,11 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", breaker.retry_after)
         return None
 
-    # -- after the app -------------------------------------------------------------------
+    # -- while the app runs ---------------------------------------------------------------
 
     def _from_client(self, exc: BaseException) -> bool:
         client = self.client_error
         return client is not None and in_chain(exc, client)
-
-    async def _answer_outage(self, exc: Exception) -> None:
-        # The database failed before the response started: a 503 the client can act
-        # on, never the driver's text. The server log keeps the exception.
-        guard = self.guard
-        template = self.route
-        pool = self.outcome.pool
-        guard.telemetry.event(
-            "outage_answered",
-            key=template,
-            route=template,
-            pool=pool,
-            error=type(exc).__name__,
-            level=logging.WARNING,
-            message=f"{self.scope['method']} {template}: database unavailable "
-            f"({type(exc).__name__}{f' from pool {pool}' if pool else ''}), answered 503",
-            exc_info=exc,
-        )
-        self.release()
-        retry_after = exc.retry_after if isinstance(exc, Unavailable) else 0
-        retry_after = max(1, retry_after, guard.breaker.retry_after)
-        await refuse(self, Refusal("unavailable", "outage", retry_after))
 
     async def forward(self, message: Message) -> None:
         """The app's ``send``: notes the start, frees the slot before the last chunk."""
@@ -394,7 +340,7 @@ class GuardedRequest(context.CallContext):
                 # before a copy is stored (a remote store's write must not hold a slot).
                 self.release(completed=True)
         timeout = self.resolved.send_timeout
-        if timeout is not None:
+        if timeout is not None:  # wait_on_client(timeout), inline: twice per request
             self.client_deadline = _monotonic() + timeout
             if self.task is None:
                 self._watch()
