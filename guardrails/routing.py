@@ -48,6 +48,9 @@ class ResolvedRoute:
     """Seconds the client has to send that body."""
     send_timeout: float | None = None
     """Seconds one response chunk may wait for the client to read it."""
+    inline: bool = False
+    """No stored copies, deadline, bulkhead or ``writes=True``: a read with the breaker
+    closed and a free slot is admitted in one step."""
 
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::([a-zA-Z_][a-zA-Z0-9_]*))?}")
@@ -243,11 +246,12 @@ class RouteResolver:
         replaced in place, routes added inside a Mount) is found by a full comparison
         every 1024 requests.
         """
+        routes = self._routes
         self._requests += 1
         if (
             app is not self._app
-            or _count(self._routes) != self._routes_count
-            or (self._requests % _RECHECK_EVERY == 0 and _route_ids(self._routes) != self._ids)
+            or (type(routes) is list and len(routes) != self._routes_count)
+            or (self._requests % _RECHECK_EVERY == 0 and _route_ids(routes) != self._ids)
         ):
             self._rebuild(app)
         key = (method, path)
@@ -313,16 +317,21 @@ class RouteResolver:
         return self._default
 
     def _make(self, template: str, chosen: Policy) -> ResolvedRoute:
+        bulkhead = self._bulkhead_for(chosen, template)
+        timeout = chosen.timeout if isinstance(chosen.timeout, float) else None
+        caches = chosen.cache_ttl is not None or chosen.stale_ttl is not None
+        inline = not caches and timeout is None and bulkhead is None
         return ResolvedRoute(
             template=template,
             policy=chosen,
             priority=Priority(chosen.priority),
-            bulkhead=self._bulkhead_for(chosen, template),
-            timeout=chosen.timeout if isinstance(chosen.timeout, float) else None,
+            bulkhead=bulkhead,
+            timeout=timeout,
             bypass=chosen.exempt or not chosen.needs_db,
-            caches=chosen.cache_ttl is not None or chosen.stale_ttl is not None,
+            caches=caches,
             writes=chosen.writes,
             max_body=chosen.max_body,
             body_timeout=chosen.body_timeout if isinstance(chosen.body_timeout, float) else 10.0,
             send_timeout=chosen.send_timeout if isinstance(chosen.send_timeout, float) else None,
+            inline=inline and chosen.writes is not True,
         )

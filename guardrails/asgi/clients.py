@@ -22,37 +22,35 @@ __all__ = ["CHECK_INTERVAL", "ClientWatch", "Watched", "current_task", "uncancel
 CHECK_INTERVAL = 0.1
 """Seconds between two looks; a slow client is let go at most this late."""
 
-STALLED_AFTER = 0.1
-"""Seconds a request may wait on its client before it counts as stalled."""
-
 
 class Watched(Protocol):
     """A request that may wait on its client."""
 
     client_deadline: float
     """``time.monotonic()`` by which the client must have answered; 0 while not waiting."""
-    client_since: float
-    """``time.monotonic()`` at which the current wait on the client began."""
 
     def abort(self) -> None:
         """Stop the request: its client is too slow."""
 
     def stalled(self) -> None:
-        """The client has kept the request waiting for a while (it may let go of its slot)."""
+        """The client has kept the request waiting since the last look or longer (it may
+        let go of its slot)."""
 
 
 class ClientWatch:
     """The requests that wait on their clients, and the watchdog that lets go of them."""
 
     def __init__(self) -> None:
-        self.requests: set[Watched] = set()
+        self.requests: dict[Watched, float] = {}
+        """The requests looked after, each with the deadline it was waiting on at the
+        last look (0: none), so the watchdog knows who kept waiting since."""
         self.aborted_total = 0
         """Requests aborted because their client was too slow."""
         self._idle: anyio.Event | None = None
 
     def watch(self, request: Watched) -> None:
         """Look after ``request`` until :meth:`forget`; wakes the watchdog if it sleeps."""
-        self.requests.add(request)
+        self.requests[request] = 0.0
         idle = self._idle
         if idle is not None:
             self._idle = None
@@ -60,7 +58,7 @@ class ClientWatch:
 
     def forget(self, request: Watched) -> None:
         """Stop looking after ``request`` (it ended)."""
-        self.requests.discard(request)
+        self.requests.pop(request, None)
 
     async def run(self) -> None:
         """Abort every request past its client deadline, every CHECK_INTERVAL, forever;
@@ -74,18 +72,19 @@ class ClientWatch:
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        """Abort the requests whose client deadline is before ``now``; tell those waiting
-        longer than :data:`STALLED_AFTER` that they are stalled."""
-        for request in list(self.requests):
+        """Abort the requests whose client deadline is before ``now``; tell those found
+        waiting on the same deadline at the last look too that they are stalled."""
+        requests = self.requests
+        for request, seen in list(requests.items()):
             deadline = request.client_deadline
-            if not deadline:
-                continue
-            if deadline < now:
-                self.requests.discard(request)
+            if deadline and deadline < now:
+                requests.pop(request, None)
                 self.aborted_total += 1
                 request.abort()
-            elif now - request.client_since > STALLED_AFTER:
-                request.stalled()
+            elif deadline and deadline == seen:
+                request.stalled()  # the same wait as at the last look: at least an interval
+            elif request in requests:
+                requests[request] = deadline
 
 
 def current_task() -> asyncio.Task[object] | None:

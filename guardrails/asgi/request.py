@@ -4,31 +4,30 @@ The middleware builds one per HTTP request that needs the database and calls
 :meth:`GuardedRequest.handle`. Each step either answers the request (a fresh copy, a
 refusal) or lets it go on, in the order of the design: fresh copy, read-only mode,
 breaker, slot, the app, the outcome, the fallback. The object is also the request's
-:class:`~guardrails.context.CallContext` and its wrapped ``send``, so the hot path
-allocates one object besides the :class:`~guardrails.outcome.Outcome`.
+:class:`~guardrails.context.CallContext`, and its :meth:`~GuardedRequest.forward` is the
+app's ``send``, so the hot path allocates little besides the
+:class:`~guardrails.outcome.Outcome` (made only when needed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
 
 import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from guardrails import context
-from guardrails.asgi.body import GONE, needs_reading, read_body
-from guardrails.asgi.clients import current_task, uncancel
-from guardrails.asgi.cors import through_cors
+from guardrails.asgi.answers import answer_outage, refuse, serve_fresh
+from guardrails.asgi.body import GONE, read_up_front
+from guardrails.asgi.clients import uncancel
 from guardrails.asgi.refusal import Refusal, refusal_for, shed_behind
-from guardrails.asgi.stored import CachePlan, Capture, replay
+from guardrails.asgi.stored import CachePlan, Capture
 from guardrails.breaker import CLOSED
 from guardrails.errors import ErrorKind, Shed, Unavailable, in_chain
 from guardrails.limiter import Permit, Priority
-from guardrails.policy import OnUnavailable
 from guardrails.pools import request_finished
 from guardrails.routing import ResolvedRoute
 
@@ -47,26 +46,24 @@ class GuardedRequest(context.CallContext):
 
     __slots__ = (
         "aborted",
-        "app",
-        "body",
         "cancel",
         "capture",
         "client_deadline",
         "client_error",
-        "client_since",
         "held",
         "middleware",
-        "permit",
         "plan",
         "receive",
         "resolved",
         "scope",
         "send",
-        "server_receive",
         "started",
         "taken",
         "task",
     )
+
+    cancel: anyio.CancelScope
+    client_deadline: float
 
     def __init__(
         self,
@@ -83,30 +80,112 @@ class GuardedRequest(context.CallContext):
         self.deadline: float | None = None
         self.checkouts = {}
         self.middleware = middleware
-        self.app: ASGIApp = middleware.app
         self.scope = scope
         self.receive: Receive = receive
-        """What the app gets as ``receive``: the body read up front, then the server's."""
-        self.server_receive = receive
+        """What the app gets as ``receive``: the server's, or the body read up front."""
         self.send = send
         self.resolved = resolved
         self.plan: CachePlan | None = None
         self.capture: Capture | None = None
-        self.permit: Permit | None = None
-        self.held = False
+        self.held: Permit | bool = False
+        """The slot: a :class:`Permit`, True for one taken with ``try_take``, or False."""
         self.taken = 0.0
         """When the slot was taken, on the adaptive limit's clock (0: not timed)."""
         self.started = False
-        self.cancel: anyio.CancelScope | None = None
-        self.body: bytes | None = None
         self.task: asyncio.Task[object] | None = None
-        self.client_deadline = 0.0
-        self.client_since = 0.0
+        """The request's task while the watchdog looks after it (see :meth:`_watch`)."""
         self.client_error: BaseException | None = None
         self.aborted = False
+        # Set only on the paths that use them: ``cancel`` with a deadline,
+        # ``client_deadline`` before the watchdog first sees the request.
 
     async def handle(self) -> None:
         """Run the request's whole life; see the module docstring for the order."""
+        resolved = self.resolved
+        guard = self.guard
+        limiter = guard.limiter
+        # The common case (a read, the breaker closed, a free slot) is decided inline: no
+        # coroutine, no clock read (unless an adaptive limit times how long slots are
+        # held). Everything else takes the steps of :meth:`_admit`.
+        if (
+            resolved.inline
+            and self.scope["method"] in SAFE_METHODS
+            and guard.breaker.state is CLOSED
+            and limiter.try_take(resolved.priority)
+        ):
+            self.held = True
+            if limiter.adaptive is not None:
+                self.taken = limiter.adaptive.clock()
+        elif not await self._admit():
+            return
+        token = context.enter(self)
+        try:
+            deadline = self.deadline
+            if deadline is None:
+                await self.middleware.app(self.scope, self.receive, self.forward)
+            else:
+                await self._run_until(deadline)
+        except Exception as exc:
+            if self.started or self._from_client(exc):
+                # What fails once the answer is on its way, or in talking to the client,
+                # says nothing about the database.
+                self._abandon()
+                raise
+            shed = shed_behind(exc)
+            if shed is not None:
+                # Refused for load, or another service is down: not the database. Its
+                # retry_after, the route's fallback, and the database's breaker left alone.
+                self._abandon()
+                self.release()
+                await refuse(self, refusal_for(shed))
+                return
+            if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
+                raise
+            await answer_outage(self, exc)
+        except asyncio.CancelledError:
+            self._abandon()
+            if not self.aborted:
+                raise
+            # The watchdog let go of a client too slow to read: the response stays cut
+            # short, the slot is back already, and the server closes the connection.
+            uncancel(self.task)
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            if self.held:
+                self.release()
+            # Tell the breaker what the request proved: safe after any of the above,
+            # never leaves a trial held. A success after outages resets the count.
+            outcome = self._outcome
+            if outcome is not None:
+                outcome.finish()
+            elif guard.breaker.counting:
+                self.outcome.finish()
+            context.leave(token)
+            if self.checkouts:
+                request_finished(self)
+            if self.task is not None:
+                self.middleware.clients.forget(self)
+
+    async def _run_until(self, deadline: float) -> None:
+        with anyio.CancelScope(deadline=deadline) as self.cancel:
+            await self.middleware.app(self.scope, self.receive, self.forward)
+        if self.cancel.cancelled_caught and not self.started:
+            # Past its deadline before it had an answer: the client gets a 503 now
+            # instead of waiting on.
+            self._abandon()
+            self.release()
+            await refuse(self, Refusal("timeout", "timeout", self.guard.limiter.retry_after))
+
+    def _abandon(self) -> None:
+        if self._outcome is not None:
+            self._outcome.abandon()
+
+    # -- before the app -----------------------------------------------------------------
+
+    async def _admit(self) -> bool:
+        """Each step answers the request or lets it go on; whether it goes on to the app."""
         resolved = self.resolved
         guard = self.guard
         if resolved.caches and guard.cache is not None:
@@ -118,27 +197,16 @@ class GuardedRequest(context.CallContext):
                 guard.credential_headers,
                 self.middleware.warned,
             )
-            if self.plan is not None and await self._serve_fresh():
-                return
-        # The common case (a read, the breaker closed, a free slot) is decided inline;
-        # each other case is one step that answers or lets the request go on.
-        method = self.scope["method"]
-        writes = resolved.writes
+            if self.plan is not None and await serve_fresh(self):
+                return False
         refusal = None
-        if (writes or (writes is None and method not in SAFE_METHODS)) and guard.read_only:
-            retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
-            refusal = Refusal("read_only", "read_only", retry_after)
-        elif resolved.max_body is not None and method not in SAFE_METHODS:
-            # Before the breaker: a client sending its body slowly must not sit on the
-            # half-open trial (nor, below, on a slot).
-            refusal = await self._read_body()
+        if resolved.writes or self.scope["method"] not in SAFE_METHODS:
+            refusal = await self._check_write()
         if refusal is None and guard.breaker.state is not CLOSED:
             refusal = self._pass_breaker()
         if refusal is None:
             if resolved.timeout is not None:
                 self.deadline = anyio.current_time() + resolved.timeout
-            # A free slot is taken synchronously: no coroutine, no clock read (unless an
-            # adaptive limit times how long slots are held).
             limiter = guard.limiter
             if resolved.bulkhead is None and limiter.try_take(resolved.priority):
                 self.held = True
@@ -148,36 +216,27 @@ class GuardedRequest(context.CallContext):
                 refusal = await self._take_slot()
         if refusal is not None:
             self._abandon()
-            if refusal is GONE:
-                return  # the client went away while sending its body: nobody to answer
-            await self._refuse(refusal)
-            return
-        try:
-            await self._run_app()
-        finally:
-            if self.task is not None:
-                self.middleware.clients.forget(self)
-
-    def _abandon(self) -> None:
-        if self._outcome is not None:
-            self._outcome.abandon()
-
-    def _finish(self) -> None:
-        outcome = self._outcome
-        if outcome is not None:
-            outcome.finish()
-        elif self.guard.breaker.counting:
-            self.outcome.finish()  # a success after outages: it resets the count
-
-    # -- before the app -----------------------------------------------------------------
-
-    async def _serve_fresh(self) -> bool:
-        assert self.plan is not None
-        fresh = await self.plan.lookup(self.resolved.policy.cache_ttl)  # type: ignore[arg-type]
-        if fresh is None:
+            if refusal is not GONE:  # else the client went away sending its body
+                await refuse(self, refusal)
             return False
-        await replay(through_cors(self.middleware.cors, self.scope, self.send), fresh, b"hit")
+        if self.plan is not None:
+            self.capture = self.plan.capture()
         return True
+
+    async def _check_write(self) -> Refusal | None:
+        """Read-only mode refuses writes; an unsafe method's body is read before a slot."""
+        resolved = self.resolved
+        guard = self.guard
+        method = self.scope["method"]
+        writes = resolved.writes
+        if (writes or (writes is None and method not in SAFE_METHODS)) and guard.read_only:
+            retry_after = max(guard.limiter.retry_after, guard.breaker.retry_after)
+            return Refusal("read_only", "read_only", retry_after)
+        if resolved.max_body is not None and method not in SAFE_METHODS:
+            # Before the breaker: a client sending its body slowly must not sit on the
+            # half-open trial (nor, below, on a slot).
+            return await read_up_front(self)
+        return None
 
     def _pass_breaker(self) -> Refusal | None:
         breaker = self.guard.breaker
@@ -191,50 +250,24 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", exc.retry_after)
         return None
 
-    async def _read_body(self) -> Refusal | None:
-        receive = self.server_receive
-        limit = self.resolved.max_body
-        wanted = needs_reading(self.scope, limit)
-        if wanted is not True:
-            return wanted or None
-        assert limit is not None
-        self._watch(self.resolved.body_timeout)
-        try:
-            body = await read_body(receive, limit)
-        except asyncio.CancelledError:
-            if not self.aborted:
-                raise
-            uncancel(self.task)  # the watchdog's doing: the client was too slow
-            return Refusal("body_timeout", "body_timeout", 0, 408)
-        finally:
-            self.client_deadline = 0.0
-        if isinstance(body, Refusal):
-            return body
-        self.body = body
-        self.receive = self._replay_body
-        return None
+    # -- waiting on the client ----------------------------------------------------------
 
-    async def _replay_body(self) -> Message:
-        """The app's ``receive`` once the body was read: the body, then the client's own."""
-        body = self.body
-        if body is not None:
-            self.body = None
-            return {"type": "http.request", "body": body, "more_body": False}
-        try:
-            return await self.server_receive()
-        except BaseException as exc:
-            self.client_error = exc
-            raise
-
-    def _watch(self, timeout: float) -> None:
-        """Wait on the client for at most ``timeout`` seconds from now."""
+    def wait_on_client(self, timeout: float) -> None:
+        """Wait on the client for at most ``timeout`` seconds from now; reset
+        ``client_deadline`` to 0 once it answered."""
+        self.client_deadline = _monotonic() + timeout
         if self.task is None:
-            self.task = current_task()
-            if self.task is None:
-                return  # not asyncio: nothing the watchdog could cancel
+            self._watch()
+
+    def _watch(self) -> None:
+        """Let the watchdog look after this request; its client deadline is set."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:
+            return  # not asyncio: nothing the watchdog could cancel
+        if task is not None:
+            self.task = task
             self.middleware.clients.watch(self)
-        self.client_since = now = _monotonic()
-        self.client_deadline = now + timeout
 
     def stalled(self) -> None:
         """The client stopped reading: with watched pools, a request that holds no
@@ -249,18 +282,20 @@ class GuardedRequest(context.CallContext):
         if self.task is not None:
             self.task.cancel()
 
+    # -- a slot after waiting --------------------------------------------------------
+
     async def _take_slot(self) -> Refusal | None:
         guard = self.guard
         limiter = guard.limiter
         resolved = self.resolved
         if resolved.bulkhead is not None:
-            self.permit = limiter.try_acquire(resolved.priority, bulkhead=resolved.bulkhead)
-            if self.permit is not None:
-                self.held = True
+            permit = limiter.try_acquire(resolved.priority, bulkhead=resolved.bulkhead)
+            if permit is not None:
+                self.held = permit
                 return None
         waited_from = anyio.current_time()
         try:
-            self.permit = await limiter.acquire(
+            self.held = await limiter.acquire(
                 resolved.priority, deadline=self.deadline, bulkhead=resolved.bulkhead
             )
         except Shed as exc:
@@ -268,7 +303,6 @@ class GuardedRequest(context.CallContext):
         except BaseException:
             self._abandon()
             raise
-        self.held = True
         if limiter.adaptive is not None:
             self.taken = limiter.adaptive.clock()
         guard.telemetry.observe_queue_wait(anyio.current_time() - waited_from)
@@ -281,109 +315,35 @@ class GuardedRequest(context.CallContext):
             return Refusal("unavailable", "breaker_open", breaker.retry_after)
         return None
 
-    # -- the app ------------------------------------------------------------------------
-
-    async def _run_app(self) -> None:
-        if self.plan is not None:
-            self.capture = self.plan.capture()
-        token = context.enter(self)
-        try:
-            if self.deadline is None:
-                await self.app(self.scope, self.receive, self)
-            else:
-                with anyio.CancelScope(deadline=self.deadline) as self.cancel:
-                    await self.app(self.scope, self.receive, self)
-                if self.cancel.cancelled_caught and not self.started:
-                    # Past its deadline before it had an answer: the client gets a 503
-                    # now instead of waiting on.
-                    self._abandon()
-                    self.release()
-                    retry_after = self.guard.limiter.retry_after
-                    await self._refuse(Refusal("timeout", "timeout", retry_after))
-        except Exception as exc:
-            if self.started or self._from_client(exc):
-                # What fails once the answer is on its way, or in talking to the client,
-                # says nothing about the database.
-                self._abandon()
-                raise
-            shed = shed_behind(exc)
-            if shed is not None:
-                # Refused for load, or another service is down: not the database. Its
-                # retry_after, the route's fallback, and the database's breaker left alone.
-                self._abandon()
-                self.release()
-                await self._refuse(refusal_for(shed))
-                return
-            if self.outcome.fail(exc) is not ErrorKind.OUTAGE:
-                raise
-            await self._answer_outage(exc)
-        except asyncio.CancelledError:
-            self._abandon()
-            if not self.aborted:
-                raise
-            # The watchdog let go of a client too slow to read: the response stays cut
-            # short, the slot is back already, and the server closes the connection.
-            uncancel(self.task)
-        except BaseException:
-            self._abandon()
-            raise
-        finally:
-            if self.held:
-                self.release()
-            self._finish()  # safe after any of the above; never leaves a trial held
-            context.leave(token)
-            if self.checkouts:
-                request_finished(self)
+    # -- while the app runs ---------------------------------------------------------------
 
     def _from_client(self, exc: BaseException) -> bool:
         client = self.client_error
         return client is not None and in_chain(exc, client)
 
-    async def _answer_outage(self, exc: Exception) -> None:
-        # The database failed before the response started: a 503 the client can act
-        # on, never the driver's text. The server log keeps the exception.
-        guard = self.guard
-        template = self.route
-        pool = self.outcome.pool
-        guard.telemetry.event(
-            "outage_answered",
-            key=template,
-            route=template,
-            pool=pool,
-            error=type(exc).__name__,
-            level=logging.WARNING,
-            message=f"{self.scope['method']} {template}: database unavailable "
-            f"({type(exc).__name__}{f' from pool {pool}' if pool else ''}), answered 503",
-            exc_info=exc,
-        )
-        self.release()
-        retry_after = exc.retry_after if isinstance(exc, Unavailable) else 0
-        retry_after = max(1, retry_after, guard.breaker.retry_after)
-        await self._refuse(Refusal("unavailable", "outage", retry_after))
-
-    async def __call__(self, message: Message) -> None:
-        """The app's ``send``: notes the start, frees the slot after the last chunk."""
+    async def forward(self, message: Message) -> None:
+        """The app's ``send``: notes the start, frees the slot before the last chunk."""
         kind = message["type"]
+        final = False
         if kind == "http.response.start":
             self.started = True
-            if self.cancel is not None:
+            if self.deadline is not None:
                 # The deadline covers the wait for an answer, not the sending of it.
                 self.cancel.deadline = math.inf
-        final = (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
+        elif (kind == "http.response.body" or kind in _FINAL_SEND_TYPES) and not message.get(
             "more_body", False
-        )
-        if final and self.held and not self.checkouts:
-            # The app has produced all of it and holds no connection: the slot goes back
-            # before the client reads it (a slow reader holds nothing), and before a copy
-            # is stored (a remote store's write must not hold a database slot).
-            self.release(completed=True)
+        ):
+            final = True
+            if self.held and not self.checkouts:
+                # The app has produced all of it and holds no connection: the slot goes
+                # back before the client reads it (a slow reader holds nothing), and
+                # before a copy is stored (a remote store's write must not hold a slot).
+                self.release(completed=True)
         timeout = self.resolved.send_timeout
-        if timeout is not None:
+        if timeout is not None:  # wait_on_client(timeout), inline: twice per request
+            self.client_deadline = _monotonic() + timeout
             if self.task is None:
-                self._watch(timeout)
-            else:
-                self.client_since = now = _monotonic()
-                self.client_deadline = now + timeout
+                self._watch()
         try:
             await self.send(message)
         except BaseException as exc:
@@ -398,6 +358,7 @@ class GuardedRequest(context.CallContext):
                 # Nothing more to wait on the client for: background tasks that run
                 # after the response must not keep the watchdog awake.
                 self.middleware.clients.forget(self)
+                self.task = None
         capture = self.capture
         if capture is not None and not await capture.copy(kind, message):
             self.capture = None
@@ -408,43 +369,15 @@ class GuardedRequest(context.CallContext):
         ``completed``: the app produced its whole answer, so the hold is a sample for
         an adaptive limit, unless the request failed or a pool timed out on it.
         """
-        if self.held:
+        held = self.held
+        if held:
             self.held = False
             limiter = self.guard.limiter
-            if self.permit is None:
+            if held is True:
                 limiter.give_back()
-            else:
-                self.permit.release()
+            elif isinstance(held, Permit):
+                held.release()
             if completed and self.taken:
                 outcome = self._outcome
                 if outcome is None or outcome.healthy:
                     limiter.completed(self.taken)
-
-    # -- answers instead of the app -----------------------------------------------------
-
-    async def _refuse(self, refusal: Refusal) -> None:
-        """Answer a request guardrails will not run: a stale copy if allowed, else 503."""
-        guard = self.guard
-        telemetry = guard.telemetry
-        template = self.route
-        telemetry.count_shed(refusal.reason, template)
-        policy = self.resolved.policy
-        plan = self.plan
-        send = through_cors(self.middleware.cors, self.scope, self.send)
-        if (
-            refusal.status == 503
-            and plan is not None
-            and policy.on_unavailable is OnUnavailable.STALE
-        ):
-            stale = await plan.lookup(policy.stale_ttl)  # type: ignore[arg-type]
-            if stale is not None:
-                telemetry.count_fallback("stale", template)
-                await replay(send, stale, b"stale")
-                return
-        if refusal.status == 503 and policy.stale_ttl is not None:
-            telemetry.count_fallback("rejected", template)
-        await self.middleware.refusals.send(self.scope, send, refusal)
-
-
-async def _nothing() -> Message:
-    return {"type": "http.disconnect"}
