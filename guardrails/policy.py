@@ -11,7 +11,8 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any, Literal, TypeVar
 
-from guardrails.limiter import Priority, seconds
+from guardrails.limiter import Priority
+from guardrails.limiter_checks import seconds
 
 __all__ = ["POLICY_ATTRIBUTE", "OnUnavailable", "Policy", "policy"]
 

@@ -29,7 +29,7 @@ from guardrails.coordination.lease import Grant, Lease, shares
 from guardrails.coordination.link import Link
 from guardrails.coordination.lua import Keys, text
 from guardrails.coordination.shared_breaker import SharedBreaker
-from guardrails.limiter import seconds
+from guardrails.limiter_checks import seconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from guardrails._redis import Endpoint, Outage
 from guardrails.fallback.response import CachedResponse
 from guardrails.fallback.wire import decode_response, encode_response
-from guardrails.limiter import seconds
+from guardrails.limiter_checks import seconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
