@@ -89,6 +89,7 @@ def targets(results: dict[str, Any]) -> str:
                 strict=True,
             )
         ]
+        rows += _priority_targets(load)
     out = results.get("outage")
     if out:
         w = out["while_open"]
@@ -127,6 +128,14 @@ def targets(results: dict[str, Any]) -> str:
                 ]
             )
     return h.table(["target (DESIGN.md)", "bar", "this run", ""], rows)
+
+
+def _priority_targets(load: dict[str, Any]) -> list[list[str]]:
+    """The work-conserving priorities' targets, from the overload part's priorities run."""
+    return [
+        [f"priorities: {name}", bar, value, _check(ok)]
+        for name, bar, value, ok in overload.priority_verdicts(load)
+    ]
 
 
 EXPLAIN = {
