@@ -103,9 +103,10 @@ def plot(results: dict[str, Any], path: Path = OUTPUT) -> Path | None:
     )
     axes[0][1].set_title("calm 50/s, then burst 150/s (shaded)", fontsize=9)
     axes[-1][0].set_xlabel("seconds since the load started")
-    axes[-1][1].set_xlabel("seconds since the calm second started")
+    axes[-1][1].set_xlabel("seconds since the calm start")
+    freeze = "; every server gc.freeze()s after startup" if results.get("gc_freeze") else ""
     fig.suptitle(
-        "Latency from scheduled send (s, log): pool 5, 50 ms query. "
+        f"Latency from scheduled send (s, log): pool 5, 50 ms query{freeze}.\n"
         f"Dashed: 2 x hold = {2 * hold * 1000:.0f} ms (2xx target), 10 ms (503 target)",
         fontsize=10,
     )
