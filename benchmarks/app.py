@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import uvicorn
+from _stalls import StallLog
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -129,7 +131,7 @@ def _bump(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
-def build(config: dict[str, Any]) -> Starlette:
+def build(config: dict[str, Any]) -> Any:
     """The app for one benchmark server, as ``config`` describes it."""
     variant = config["variant"]
     engine: AsyncEngine = create_async_engine(
@@ -142,6 +144,8 @@ def build(config: dict[str, Any]) -> Starlette:
     if config.get("work") is not None:
         query = text("SELECT bench_work(:n)").bindparams(n=config["work"])
     stats = Stats()
+    # Optional, for finding where stalls happen: GC pauses and loop lag with timestamps.
+    stalls = StallLog().install() if config.get("stall_log") else None
     guard: gr.Guardrails | None = None
     if variant == "guardrails":
         probe: Callable[[], Awaitable[object]] | None = None
@@ -244,6 +248,11 @@ def build(config: dict[str, Any]) -> Starlette:
         stats.reset()
         return JSONResponse({"reset": True})
 
+    @gr.policy(exempt=True)
+    async def read_stalls(request: Request) -> Response:
+        since = float(request.query_params.get("since", 0))
+        return JSONResponse(stalls.to_dict(since) if stalls is not None else {})
+
     async def watch_loop_lag() -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -275,10 +284,17 @@ def build(config: dict[str, Any]) -> Starlette:
             for _ in range(config.get("pool_size", 5)):
                 conn = await stack.enter_async_context(engine.connect())
                 await conn.execute(text("SELECT 1"))
+        if config.get("gc") == "freeze":
+            # docs/operations.md's recommendation: what startup built is never collected,
+            # so a full collection no longer walks it (not a library default).
+            gc.collect()
+            gc.freeze()
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(watch_loop_lag())]
         if guard is not None:
             tasks.append(loop.create_task(watch_limit(guard)))
+        if stalls is not None:
+            tasks.append(loop.create_task(stalls.watch_lag()))
         try:
             yield
         finally:
@@ -301,7 +317,7 @@ def build(config: dict[str, Any]) -> Starlette:
         )
     elif variant not in ("bare", "uvicorn"):
         raise SystemExit(f"unknown variant {variant!r}: use bare, semaphore, uvicorn or guardrails")
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/query", slow),
             Route("/login", slow),
@@ -309,10 +325,34 @@ def build(config: dict[str, Any]) -> Starlette:
             Route("/trivial", trivial),
             Route("/stats", read_stats),
             Route("/stats/reset", reset_stats),
+            Route("/stalls", read_stalls),
         ],
         middleware=middleware,
         lifespan=lifespan,
     )
+    if stalls is None:
+        return app
+    return _timed(app, stalls)
+
+
+def _timed(app: Any, stalls: StallLog) -> Any:
+    """Record when each request with ``?i=N`` entered the app and when its body was sent."""
+
+    async def timed(scope: Any, receive: Any, send: Any) -> None:
+        query = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if not query.startswith(b"i="):
+            await app(scope, receive, send)
+            return
+        entered = time.monotonic()
+
+        async def timed_send(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                stalls.requests.append((int(query[2:]), entered, time.monotonic()))
+            await send(message)
+
+        await app(scope, receive, timed_send)
+
+    return timed
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import _harness as h
+import overload_chart
 
 VARIANTS = {
     "bare": "no guardrails (SQLAlchemy pool, pool_timeout 30 s)",
@@ -65,9 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-priorities", action="store_true", help="skip the login / reports scenario"
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="every server calls gc.freeze() after startup (docs/operations.md)",
+    )
 
 
-def server_config(variant: str, server: Any, slots: int = h.POOL_SIZE) -> dict[str, Any]:
+def server_config(
+    variant: str, server: Any, slots: int = h.POOL_SIZE, *, gc_freeze: bool = False
+) -> dict[str, Any]:
     """The app's config for one variant; guardrails gets nothing but its concurrency."""
     config: dict[str, Any] = {
         "variant": "semaphore" if variant.startswith("semaphore") else variant,
@@ -83,6 +91,8 @@ def server_config(variant: str, server: Any, slots: int = h.POOL_SIZE) -> dict[s
         config["queue_timeout"] = 0.25
     elif variant == "uvicorn":
         config["limit_concurrency"] = h.POOL_SIZE + 1
+    if gc_freeze:
+        config["gc"] = "freeze"
     return config
 
 
@@ -102,7 +112,7 @@ def _ok(outcomes: Sequence[h.Outcome]) -> list[float]:
     return [o.latency for o in outcomes if o.status is not None and 200 <= o.status < 300]
 
 
-def _sustained(app: h.Server, args: argparse.Namespace) -> dict[str, Any]:
+def _sustained(app: h.Server, args: argparse.Namespace) -> tuple[dict[str, Any], list[h.Outcome]]:
     app.get_json("/stats/reset")
     outcomes = asyncio.run(
         h.open_loop(
@@ -124,7 +134,7 @@ def _sustained(app: h.Server, args: argparse.Namespace) -> dict[str, Any]:
     # The server's own event-loop lag: a stall of the shared machine shows here, in
     # whichever server it hit.
     figures["server_lag_p99"] = h.percentile(stats["lag"], 0.99)
-    return figures
+    return figures, outcomes
 
 
 async def _calm_then_burst(port: int, timeout: float) -> tuple[list[h.Outcome], list[h.Outcome]]:
@@ -145,11 +155,11 @@ async def _calm_then_burst(port: int, timeout: float) -> tuple[list[h.Outcome], 
     return calm, burst
 
 
-def _burst(app: h.Server, args: argparse.Namespace) -> dict[str, Any]:
+def _burst(app: h.Server, args: argparse.Namespace) -> tuple[dict[str, Any], list[h.Outcome]]:
     waited = _wait_idle(app)
     calm, burst = asyncio.run(_calm_then_burst(app.port, args.timeout))
     ok = _ok(burst)
-    return {
+    figures = {
         "idle_wait": waited,
         "calm_sent": len(calm),
         "calm_shed": sum(1 for o in calm if o.status == 503),
@@ -160,6 +170,11 @@ def _burst(app: h.Server, args: argparse.Namespace) -> dict[str, Any]:
         "ok_max": max(ok, default=math.nan),
         "limiter": app.get_json("/stats?lists=0").get("limiter"),
     }
+    return figures, [*calm, *(o for o in _shifted(burst, 1.0))]
+
+
+def _shifted(outcomes: Sequence[h.Outcome], seconds: float) -> list[h.Outcome]:
+    return [h.Outcome(o.due + seconds, o.status, o.latency, o.lag) for o in outcomes]
 
 
 def _lane(outcomes: Sequence[h.Outcome]) -> dict[str, Any]:
@@ -188,7 +203,8 @@ async def _mixed(port: int, duration: float, timeout: float) -> dict[str, list[h
 
 
 def _priorities(server: Any, args: argparse.Namespace) -> dict[str, Any]:
-    with h.serve(server_config("guardrails", server, args.slots), "overload-priorities") as app:
+    config = server_config("guardrails", server, args.slots, gc_freeze=args.gc_freeze)
+    with h.serve(config, "overload-priorities") as app:
         alone = asyncio.run(
             h.open_loop(app.port, "/login", rate=LOGIN_RATE, duration=3.0, timeout=args.timeout)
         )
@@ -212,8 +228,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration": args.duration,
         "capacity": h.CAPACITY,
         "slots": args.slots,
+        "gc_freeze": args.gc_freeze,
         "runs": {},
         "bursts": {},
+        "timelines": {},
     }
     with h.postgres() as server:
         results["postgres"] = h.postgres_version(server)
@@ -225,11 +243,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             results["client_check"] = h.summary(outcomes, args.duration)
         for variant in args.only or VARIANTS:
-            with h.serve(server_config(variant, server, args.slots), f"overload-{variant}") as app:
-                figures = _sustained(app, args)
-                burst = _burst(app, args)
+            config = server_config(variant, server, args.slots, gc_freeze=args.gc_freeze)
+            with h.serve(config, f"overload-{variant}") as app:
+                figures, sustained = _sustained(app, args)
+                burst, calm_burst = _burst(app, args)
             results["runs"][variant] = figures
             results["bursts"][variant] = burst
+            if variant in overload_chart.CHARTED:
+                results["timelines"][variant] = {
+                    "sustained": overload_chart.timeline(sustained),
+                    "burst": overload_chart.timeline(calm_burst),
+                }
             print(
                 f"  {variant}: {figures['ok']} ok, {figures['shed']} shed; "
                 f"burst {burst['shed']}/{burst['sent']} shed",
@@ -238,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_priorities:
             results["priorities"] = _priorities(server, args)
     h.save("overload", results)
+    overload_chart.plot(results)
     return results
 
 
@@ -259,6 +284,43 @@ def _verdicts(r: dict[str, Any], burst: dict[str, Any]) -> list[tuple[str, str, 
         ("burst 503", "0", burst["shed"] == 0),
         ("past the deadline", f"0 after {DEADLINE:.0f} s", r["past_deadline"] == 0),
     ]
+
+
+def priority_verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Work-conserving priorities against their targets: (name, bar, value, met)."""
+    prio = results.get("priorities")
+    guarded = results["runs"].get("guardrails")
+    if prio is None or guarded is None:
+        return []
+    alone, loaded, reports = prio["login_alone"], prio["login"], prio["reports"]
+    query = h.QUERY_SECONDS
+    rows = [
+        (
+            "goodput, concurrency == pool size",
+            ">= 95% of 5 / hold",
+            f"{guarded['goodput_of_hold']:.1%}",
+            guarded["goodput_of_hold"] >= 0.95,
+        )
+    ]
+    for name, key in (("p50", "ok_p50"), ("p99", "ok_p99")):
+        bar = alone[key] + query
+        rows.append(
+            (
+                f"login {name} under load",
+                f"<= no load + one query = {bar * 1000:.0f} ms",
+                f"{h.ms(loaded[key])} ms ({loaded['shed']} of {loaded['sent']} shed)",
+                loaded[key] <= bar and loaded["shed"] == 0,
+            )
+        )
+    rows.append(
+        (
+            "reports shed while logins are served",
+            "> 0",
+            f"{reports['shed']} of {reports['sent']}",
+            reports["shed"] > 0,
+        )
+    )
+    return rows
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -304,7 +366,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"Sustained: {results['rate']:.0f} requests/s for {results['duration']:.0f} s "
         f"(capacity {results['capacity']:.0f}/s: pool 5 / 50 ms), {results['postgres']}. "
         f"Burst: once idle, {CALM * h.CAPACITY:.0f}/s for 1 s, then "
-        f"{BURST * h.CAPACITY:.0f}/s for 1 s.",
+        f"{BURST * h.CAPACITY:.0f}/s for 1 s."
+        + (
+            " Every server calls `gc.freeze()` after startup (docs/operations.md)."
+            if results.get("gc_freeze")
+            else ""
+        ),
         "",
         h.table(headers, rows),
         "",
@@ -312,6 +379,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"ms, p99 {h.ms(check['ok_p99'])} ms, {check['other']} failed; client lag p99 "
         f"{h.ms(check['lag_p99'])} ms, max {h.ms(check['lag_max'])} ms.",
     ]
+    if results.get("timelines"):
+        parts += ["", overload_chart.markdown(overload_chart.OUTPUT)]
     guarded = results["runs"].get("guardrails")
     if guarded is not None:
         verdicts = _verdicts(guarded, bursts.get("guardrails", {"shed": math.nan}))
@@ -351,6 +420,14 @@ def markdown(results: dict[str, Any]) -> str:
                         h.ms(r["ok_max"]),
                     ]
                     for name, r in lanes
+                ],
+            ),
+            "",
+            h.table(
+                ["priorities target", "bar", "this run", ""],
+                [
+                    [name, bar, value, "met" if ok else "**missed**"]
+                    for name, bar, value, ok in priority_verdicts(results)
                 ],
             ),
         ]

@@ -98,6 +98,7 @@ def targets(results: dict[str, Any]) -> str:
                 strict=True,
             )
         ]
+        rows += _priority_targets(load)
     out = results.get("outage")
     if out:
         w = out["while_open"]
@@ -136,6 +137,14 @@ def targets(results: dict[str, Any]) -> str:
                 ]
             )
     return h.table(["target (DESIGN.md)", "bar", "this run", ""], rows)
+
+
+def _priority_targets(load: dict[str, Any]) -> list[list[str]]:
+    """The work-conserving priorities' targets, from the overload part's priorities run."""
+    return [
+        [f"priorities: {name}", bar, value, _check(ok)]
+        for name, bar, value, ok in overload.priority_verdicts(load)
+    ]
 
 
 EXPLAIN = {
@@ -220,11 +229,21 @@ NOTES = """\
   steady state waits a fraction of a hold. A 1 s burst drains within the interval
   and is absorbed whole; a limit with no queue (uvicorn) or a short wait (the 250 ms
   semaphore) sheds part of it.
-- **Overload shed p99.** A shed costs microseconds in process (the shed row of the
-  overhead table); over HTTP, at 300 sheds a second on two cores shared with
-  PostgreSQL and the load generator, its p99 moves between about 3 and 20 ms from run
-  to run, with the scheduler, not with guardrails (the same code measured 3.1 ms and
-  12.4 ms in two runs).
+- **Overload shed p99 and steady 2xx p99.** A shed costs microseconds in process (the
+  shed row of the overhead table). Over HTTP, the tail of both comes from stalls of the
+  server process, and the largest it causes itself is garbage collection (measured in
+  CPU time, which the shared machine cannot inflate): each waiting request's
+  connection objects live long enough to reach the oldest generation, so CPython runs
+  a full collection once or twice a run, and it walks the whole heap the app built at
+  startup (about 90,000 objects, 45 to 100 ms of CPU here). Every request in flight
+  waits it out, and the sheds arriving meanwhile with them: a saw-tooth on the chart
+  (a stall of the shared machine looks the same).
+  The load generator's own collections stay in the young generations (at most 3 ms of
+  CPU). `benchmarks/stalls.py` records collections and loop lag with timestamps in
+  both processes and lines them up with the slow requests. `gc.freeze()` after
+  startup takes the startup heap out of every collection
+  ([operations](operations.md#latency-under-overload-garbage-collection-pauses));
+  `benchmarks/overload.py --gc-freeze` measures it, the table above is without it.
 - **Fallback p99.** A stale answer costs a few microseconds in process (the cache-hit
   row of the overhead table); over HTTP its p99 is that of uvicorn on this machine,
   which the client check against a route without a database shows.
