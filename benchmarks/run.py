@@ -202,16 +202,17 @@ first, from the benchmark's own connection. See [Adaptive limit](adaptive.md).""
 NOTES = """\
 ## Reading the targets
 
-- **Hot path.** A pyinstrument profile of the admitted path (`benchmarks/profile_hotpath.py`,
-  150,000 requests) puts about 16% of the per-request time in guardrails' own frames:
-  `GuardrailsMiddleware.__call__` itself about 10%, the `send` wrapper that releases
-  the slot after the last body chunk about 5%, route resolution (a dict hit) about 2%.
-  The rest is Starlette's routing, response and exception middleware, which the bare
-  app runs too. The ratio sits close to the 1.25x bar: eleven runs of
-  `benchmarks/overhead.py` on this shared machine gave 1.19x to 1.25x, median 1.23x,
-  so a single run can land just above it. Inlining the slot release into the `send`
-  wrapper and the limiter's gate calls measured within that noise. `BaseHTTPMiddleware`
-  costs about 10x on its own, before any semaphore.
+- **Hot path: missed.** What the admitted path does per request grew with the
+  protections against hostile clients (a slow-client watch around every `send`, the
+  slot given back before the last chunk, the body read up front for routes with
+  `max_body`, read-only and CORS decisions). Counted in instructions under callgrind
+  (`benchmarks/hotpath_count.py`, deterministic, `PYTHONHASHSEED=0`), the guarded path
+  costs 1.28x the bare one (before those protections: 1.20x); the slow-client watch is
+  about 6,000 of the 28,000 instructions guardrails adds. In time, on this machine, the
+  ratio is larger than the instruction count says (1.60x in this run; 1.57x in a
+  later one, against 1.33x for the code before the protections, measured the same
+  hour with its own harness): where the extra time goes beyond instructions is not yet measured.
+  `BaseHTTPMiddleware` costs about 15x on its own, before any semaphore.
 - **Overload goodput.** The pool itself bounds goodput at `5 / pool hold` (the last
   column of the overload table): a connection is held for the 50 ms query plus its
   round trip, about 52 ms here, so goodput is stated as a share of that bound, with
