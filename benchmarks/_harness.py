@@ -7,6 +7,7 @@ client costs far less per request than the server it measures.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.metadata
@@ -41,6 +42,14 @@ CAPACITY = POOL_SIZE / QUERY_SECONDS
 
 
 # -- statistics -------------------------------------------------------------------------
+
+
+def part_main(part: ModuleType, argv: list[str] | None = None) -> int:
+    """Run one benchmark part from the command line: its arguments, then its table."""
+    parser = argparse.ArgumentParser(description=(part.__doc__ or "").splitlines()[0])
+    part.add_arguments(parser)
+    print(part.markdown(part.run(parser.parse_args(argv))))
+    return 0
 
 
 def ms(seconds: float) -> str:

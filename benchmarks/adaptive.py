@@ -44,7 +44,7 @@ from adaptive_report import (
     VARIANTS,
     in_span,
     load_figures,
-    markdown,
+    markdown,  # noqa: F401 - a part's table, for run.py and h.part_main
     plot,
     reached,
     settled_after,
@@ -354,10 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    print(markdown(run(parser.parse_args(argv))))
-    return 0
+    return h.part_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -316,10 +316,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    print(markdown(run(parser.parse_args(argv))))
-    return 0
+    return h.part_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
