@@ -199,3 +199,61 @@ async def test_a_client_hanging_up_mid_response_never_opens_the_breaker() -> Non
     assert sent.count("http.response.start") == 5
     assert (guard.breaker.state, guard.breaker.failures) == ("closed", 0)
     assert guard.limiter.in_flight == 0
+
+
+async def test_a_slow_reader_cannot_talk_the_adaptive_limit_down() -> None:
+    # Every hold that lasted while the client read is no sample: the streamed page's
+    # slot is held while its first chunk waits on the client, the page's is not.
+    guard = gr.Guardrails(concurrency=4, adaptive=gr.AdaptiveLimit(window=0.001, min_samples=1))
+    adaptive = guard.limiter.adaptive
+    assert adaptive is not None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first "
+        yield b"last"
+
+    async def streamed(request: Request) -> Response:
+        await anyio.sleep(0.002)
+        return StreamingResponse(chunks())
+
+    async def page(request: Request) -> Response:
+        await anyio.sleep(0.002)
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[Route("/streamed", streamed), Route("/page", page)],
+        middleware=[Middleware(gr.GuardrailsMiddleware, guard=guard)],
+    )
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()  # no body, and the client stays connected
+        raise AssertionError("unreachable")
+
+    async def slow_reader(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep(0.3)  # the client takes its time with every chunk
+
+    def scope(path: str) -> dict[str, object]:
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "scheme": "http",
+            "query_string": b"",
+            "headers": [],
+            "server": ("app", 80),
+            "client": ("client", 1234),
+            "http_version": "1.1",
+        }
+
+    for _ in range(3):
+        await app(scope("/streamed"), receive, slow_reader)
+    assert (adaptive.windows_total, adaptive.baseline) == (0, None)
+    for _ in range(3):
+        await app(scope("/page"), receive, slow_reader)
+    assert adaptive.windows_total >= 1
+    assert adaptive.baseline is not None
+    assert adaptive.baseline < 0.3  # the client's 0.3 s per chunk is not in it
+    assert guard.limiter.in_flight == 0

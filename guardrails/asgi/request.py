@@ -339,6 +339,11 @@ class GuardedRequest(context.CallContext):
                 # back before the client reads it (a slow reader holds nothing), and
                 # before a copy is stored (a remote store's write must not hold a slot).
                 self.release(completed=True)
+        elif kind == "http.response.body":
+            # A chunk before the last waits on the client while the slot is held: this
+            # hold says how fast the client reads, not the database. No sample, or a
+            # slow reader could talk the adaptive limit down for everyone.
+            self.taken = 0.0
         timeout = self.resolved.send_timeout
         if timeout is not None:  # wait_on_client(timeout), inline: twice per request
             self.client_deadline = _monotonic() + timeout
@@ -353,7 +358,7 @@ class GuardedRequest(context.CallContext):
             self.client_deadline = 0.0
         if final:
             if self.held:
-                self.release(completed=True)
+                self.release()  # held while the client read: not a sample either
             if self.task is not None:
                 # Nothing more to wait on the client for: background tasks that run
                 # after the response must not keep the watchdog awake.
@@ -366,8 +371,9 @@ class GuardedRequest(context.CallContext):
     def release(self, completed: bool = False) -> None:
         """Give the slot back; only the first call does anything.
 
-        ``completed``: the app produced its whole answer, so the hold is a sample for
-        an adaptive limit, unless the request failed or a pool timed out on it.
+        ``completed``: the app produced its whole answer without waiting on its client,
+        so the hold is a sample for an adaptive limit, unless the request failed or a
+        pool timed out on it.
         """
         held = self.held
         if held:
