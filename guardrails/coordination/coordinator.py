@@ -375,11 +375,9 @@ class RedisCoordinator:
         if self._closing:
             return
         if not was_lost:
-            guard.telemetry.event(
-                "coordinator",
-                transition=True,
+            self._announce(
+                guard,
                 connected=False,
-                redis=self._endpoint.where,
                 level=logging.WARNING,
                 message=f"Redis at {self._endpoint.where} unreachable "
                 f"({type(exc).__name__}): the local breaker, and at most "
@@ -390,12 +388,21 @@ class RedisCoordinator:
         guard.breaker.hold = False
         self._lease.fall_back(guard.limiter, self.per_process)
 
-    def _rejoined(self, guard: Guardrails) -> None:
+    def _announce(self, guard: Guardrails, *, connected: bool, level: int, message: str) -> None:
+        """Log and tell the sinks that the link to Redis changed (a transition)."""
         guard.telemetry.event(
             "coordinator",
             transition=True,
-            connected=True,
+            connected=connected,
             redis=self._endpoint.where,
+            level=level,
+            message=message,
+        )
+
+    def _rejoined(self, guard: Guardrails) -> None:
+        self._announce(
+            guard,
+            connected=True,
             level=logging.INFO,
             message=f"Redis at {self._endpoint.where} answers again: sharing a budget of "
             f"{self.budget} slots",
@@ -404,11 +411,9 @@ class RedisCoordinator:
     def _forgotten(self, guard: Guardrails, grant: Grant) -> None:
         """Redis no longer has the records this process knew: a restart, flush or failover."""
         self.generations_total += 1
-        guard.telemetry.event(
-            "coordinator",
-            transition=True,
+        self._announce(
+            guard,
             connected=True,
-            redis=self._endpoint.where,
             level=logging.WARNING,
             message=f"Redis at {self._endpoint.where} lost the budget's records (restarted, "
             f"flushed or failed over): no process is granted more than it uses for "
